@@ -79,29 +79,26 @@ def _pip_installs(run_args: str) -> list[list[str]]:
         except ValueError:
             continue
         for i in range(len(words) - 1):
-            if words[i].endswith("pip") and words[i + 1] == "install":
+            if re.fullmatch(r"(.*/)?pip3?(\.\d+)?", words[i]) and words[i + 1] == "install":
                 found.append(words[i + 2:])
     return found
 
 
-def _unpinned(pip_args: list[str]) -> list[str]:
-    bad, skip = [], False
+def _pip_requirements(pip_args: list[str]) -> list[tuple[str, Requirement | None]]:
+    """The requirement words of one `pip install` (options, their values and local paths skipped);
+    None where a word is not a valid requirement."""
+    found, skip = [], False
     for word in pip_args:
         if skip:
             skip = False
         elif word in PIP_VALUE_OPTIONS:
             skip = True
-        elif word.startswith("-") or word.startswith((".", "/")):
-            continue
-        else:
+        elif not word.startswith(("-", ".", "/")):
             try:
-                req = Requirement(word)
+                found.append((word, Requirement(word)))
             except InvalidRequirement:
-                bad.append(word)
-                continue
-            if not (req.specifier or req.url):
-                bad.append(word)
-    return bad
+                found.append((word, None))
+    return found
 
 
 def dockerignore_excludes(patterns: list[str], relpath: str) -> bool:
@@ -159,14 +156,10 @@ def check_dockerfile(text: str, root: Path = ROOT) -> list[str]:
             for pip_args in _pip_installs(ins.args):
                 if "--no-cache-dir" not in pip_args:
                     problems.append(f"{where}: pip install without --no-cache-dir")
-                for word in _unpinned(pip_args):
-                    problems.append(f"{where}: pip requirement {word!r} has no version")
-                for word in pip_args:
-                    try:
-                        req = Requirement(word)
-                    except InvalidRequirement:
-                        continue
-                    if req.name == "megatron-core":
+                for word, req in _pip_requirements(pip_args):
+                    if req is None or not (req.specifier or req.url):
+                        problems.append(f"{where}: pip requirement {word!r} has no version")
+                    elif req.name == "megatron-core":
                         mcore_specs.append((where, req.specifier))
         elif ins.name in ("COPY", "ADD"):
             words = _exec_form(ins.args) or shlex.split(ins.args)
