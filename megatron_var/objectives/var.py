@@ -59,7 +59,9 @@ def sequence_logps(
     return total / keep.sum(dim=-1).clamp(min=1).to(dtype)
 
 
-def _check_group_inputs(ref_logps: torch.Tensor, rewards: torch.Tensor, lam: float) -> float:
+def _check_group_inputs(ref_logps: torch.Tensor, rewards: torch.Tensor | None, lam: float) -> float:
+    if rewards is None:
+        raise ValueError("the group has no reward matrix; VAR needs r(x_i, y_j) for every cross pair")
     if ref_logps.dim() < 2 or ref_logps.shape[-1] != ref_logps.shape[-2]:
         raise ValueError(f"ref_logps must be [..., B, B], got {tuple(ref_logps.shape)}")
     if rewards.shape != ref_logps.shape:
@@ -70,17 +72,24 @@ def _check_group_inputs(ref_logps: torch.Tensor, rewards: torch.Tensor, lam: flo
         lam_f = math.nan
     if not (math.isfinite(lam_f) and lam_f > 0):
         raise ValueError(f"lambda (--var-lambda) must be a finite number > 0, got {lam!r}")
-    # One host sync per group: cheap next to the B*B reference forward, and a bad group must not train silently.
-    if not bool(torch.isfinite(rewards).all()):
+    # One host sync per call: cheap next to the B*B reference forward, and a bad group must not train silently.
+    bad_reward, bad_ref, dead_row = torch.stack(
+        [
+            ~torch.isfinite(rewards).all(),
+            torch.isnan(ref_logps).any() | torch.isposinf(ref_logps).any(),
+            torch.isneginf(ref_logps).all(dim=-1).any(),
+        ]
+    ).tolist()
+    if bad_reward:
         raise ValueError("reward matrix contains NaN/inf; every cross pair (x_i, y_j) needs a finite reward")
-    if bool(torch.isnan(ref_logps).any()) or bool((ref_logps == math.inf).any()):
+    if bad_ref:
         raise ValueError("reference log-prob matrix contains NaN or +inf")
-    if bool(torch.isneginf(ref_logps).all(dim=-1).any()):
+    if dead_row:
         raise ValueError("a row of the reference log-prob matrix is all -inf: its softmax is undefined")
     return lam_f
 
 
-def var_log_weights(ref_logps: torch.Tensor, rewards: torch.Tensor, lam: float) -> torch.Tensor:
+def var_log_weights(ref_logps: torch.Tensor, rewards: torch.Tensor | None, lam: float) -> torch.Tensor:
     """log w_i in float64, [..., B, B] -> [..., B], detached. See var_weights."""
     lam = _check_group_inputs(ref_logps, rewards, lam)
     with torch.no_grad():
@@ -91,14 +100,15 @@ def var_log_weights(ref_logps: torch.Tensor, rewards: torch.Tensor, lam: float) 
         return torch.diagonal(logits, dim1=-2, dim2=-1) - log_norm
 
 
-def var_weights(ref_logps: torch.Tensor, rewards: torch.Tensor, lam: float) -> torch.Tensor:
+def var_weights(ref_logps: torch.Tensor, rewards: torch.Tensor | None, lam: float) -> torch.Tensor:
     """w[..., i] = softmax_j(ref_logps[..., i, j] + rewards[..., i, j] / lam)[i]; [..., B, B] -> [..., B].
 
     Detached (no gradient reaches ref_logps or rewards). Raises ValueError for non-finite rewards, NaN/+inf
     reference log-probs (-inf is allowed: that pair gets zero mass) or lam <= 0.
     """
+    log_w = var_log_weights(ref_logps, rewards, lam)
     out_dtype = torch.promote_types(torch.promote_types(ref_logps.dtype, rewards.dtype), torch.float32)
-    return var_log_weights(ref_logps, rewards, lam).exp().to(out_dtype)
+    return log_w.exp().to(out_dtype)
 
 
 def _check_loss_inputs(policy_logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

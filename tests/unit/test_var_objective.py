@@ -187,6 +187,10 @@ def test_input_validation():
         var_weights(ref, rew, float("nan"))
     with pytest.raises(ValueError, match="reward"):
         var_weights(ref, torch.tensor([[0.0, float("nan"), 0], [0, 0, 0], [0, 0, 0]]), 1.0)
+    with pytest.raises(ValueError, match="no reward matrix"):
+        var_weights(ref, None, 1.0)
+    with pytest.raises(ValueError, match="NaN or \\+inf"):
+        var_weights(torch.tensor([[0.0, float("inf")], [0.0, 0.0]]), torch.zeros(2, 2), 1.0)
     with pytest.raises(ValueError, match="B, B"):
         var_weights(torch.zeros(3, 2), torch.zeros(3, 2), 1.0)
     with pytest.raises(ValueError, match="all -inf"):
