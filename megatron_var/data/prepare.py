@@ -236,7 +236,8 @@ def prepare(cfg: PrepareConfig) -> Summary:
     splits = {}
     for name, idx in (("train", train_idx), ("valid", valid_idx)):
         groups, leftover = pack_groups([units[k] for k in idx], B, cfg.seed, keep_units=pairs)
-        summary.samples_dropped["partial_group"] += leftover
+        if leftover:
+            summary.samples_dropped["partial_group"] += leftover
         splits[name] = (groups, len(idx))
     if not splits["train"][0]:
         raise ValueError(f"no complete group of {B} samples could be formed from {cfg.inputs} "
