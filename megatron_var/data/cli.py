@@ -13,7 +13,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
                         datefmt="%H:%M:%S")
     try:
         return main(argv) or 0
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: unreadable input, no space or permission for the output
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

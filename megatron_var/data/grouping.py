@@ -15,7 +15,9 @@ import numpy as np
 T = TypeVar("T")
 
 
-def split_units(unit_sizes: list[int], valid_fraction: float, group_size: int, seed: int) -> tuple[list[int], list[int]]:
+def split_units(
+    unit_sizes: list[int], valid_fraction: float, group_size: int, seed: int
+) -> tuple[list[int], list[int]]:
     """Indices of units for (train, valid). Valid gets about ``valid_fraction`` of the groups (at least one
     when the fraction is positive and there are two or more groups), taken from a seeded shuffle of the units."""
     total_groups = sum(unit_sizes) // group_size
@@ -35,7 +37,9 @@ def split_units(unit_sizes: list[int], valid_fraction: float, group_size: int, s
     return sorted(train), sorted(valid)
 
 
-def pack_groups(units: list[list[T]], group_size: int, seed: int, keep_units: bool = False) -> tuple[list[list[T]], int]:
+def pack_groups(
+    units: list[list[T]], group_size: int, seed: int, keep_units: bool = False
+) -> tuple[list[list[T]], int]:
     """Shuffle samples with the seed and cut them into groups of ``group_size``; returns (groups, leftover).
 
     ``keep_units`` (DPO pairs): each unit already is one group (its samples in order); only the order of the

@@ -15,10 +15,17 @@ from tqdm import tqdm
 
 from megatron_var.data.adapters import ADAPTERS, FORMATS, BadRow, Example, detect_format
 from megatron_var.data.formatting import (
-    DEFAULT_RAW_TEMPLATE, FIT_DROP, FIT_OK, Formatter, TemplateConfig, fit_length, load_tokenizer, messages_json,
+    DEFAULT_RAW_TEMPLATE,
+    FIT_DROP,
+    FIT_OK,
+    Formatter,
+    TemplateConfig,
+    fit_length,
+    load_tokenizer,
+    messages_json,
 )
-from megatron_var.data.groups import FORMAT_VERSION, tokenizer_fingerprint
 from megatron_var.data.grouping import pack_groups, split_units
+from megatron_var.data.groups import FORMAT_VERSION, tokenizer_fingerprint
 from megatron_var.data.readers import InputSource
 from megatron_var.data.writer import AtomicDir, Sample, check_output_dir, write_meta, write_split
 
@@ -139,6 +146,7 @@ class _Builder:
         self.cfg, self.fmt, self.summary = cfg, fmt, summary
         self.units: list[list[Sample]] = []
         self._pending: list[tuple[str, str, list[str]]] = []  # (prompt_text, messages_json, responses)
+        self._n_pending = 0  # responses in _pending
 
     def add(self, ex: Example) -> bool:
         used = _select_responses(ex, self.cfg.responses)
@@ -148,7 +156,8 @@ class _Builder:
             raise BadRow(ex.where, "empty_prompt", "empty prompt")
         msgs = self.fmt.prompt_messages(ex)
         self._pending.append((self.fmt.prompt_text(msgs, ex.where), messages_json(msgs), used))
-        if sum(len(p[2]) for p in self._pending) >= _CHUNK:
+        self._n_pending += len(used)
+        if self._n_pending >= _CHUNK:
             self.flush()
         return True
 
@@ -177,7 +186,7 @@ class _Builder:
                 unit = []
             if unit:
                 self.units.append(unit)
-        self._pending = []
+        self._pending, self._n_pending = [], 0
 
 
 def _examples(cfg: PrepareConfig, summary: Summary):

@@ -92,7 +92,8 @@ def check_info(data_dir: Path, identity: dict, overwrite: bool) -> None:
 
 def read_groups(shard: Path, B: int) -> tuple[np.ndarray, list[list[str]], list[list[list[dict]]], list[list[str]]]:
     """(group_ids [G], prompt_texts [G][B], prompt_messages [G][B], response_texts [G][B]) of one shard."""
-    t = pq.ParquetFile(shard).read(columns=["group_id", "index_in_group", "prompt_text", "prompt_messages", "response_text"])
+    columns = ["group_id", "index_in_group", "prompt_text", "prompt_messages", "response_text"]
+    t = pq.ParquetFile(shard).read(columns=columns)
     gid, idx = t.column("group_id").to_numpy(), t.column("index_in_group").to_numpy()
     if len(gid) % B or (idx.reshape(-1, B) != np.arange(B)).any() or (gid.reshape(-1, B) != gid[::B, None]).any():
         raise ValueError(f"{shard}: rows are not whole groups of {B} ordered by index_in_group (group size mismatch)")
@@ -105,7 +106,9 @@ def read_groups(shard: Path, B: int) -> tuple[np.ndarray, list[list[str]], list[
             by_group(t.column("response_text").to_pylist()))
 
 
-def score_groups(scorer, prompts: list[list[str]], messages: list[list[list[dict]]], responses: list[list[str]]) -> np.ndarray:
+def score_groups(
+    scorer, prompts: list[list[str]], messages: list[list[list[dict]]], responses: list[list[str]]
+) -> np.ndarray:
     """[G, B, B] with [g, i, j] = r(x_i, y_j) of group g; one scorer call for all G*B*B pairs."""
     G, B = len(prompts), len(prompts[0])
     p_txt, p_msg, r_txt = [], [], []

@@ -105,7 +105,7 @@ class HFRewardModel:
         self.batch_size, self.max_length = batch_size, max_length
         self.use_chat = bool(getattr(self.tok, "chat_template", None))
         self.n_truncated = 0
-        self.identity = {"kind": "reward_model", "path": str(path), "max_length": max_length}
+        self.identity = {"kind": "reward_model", "path": str(Path(path).resolve()), "max_length": max_length}
         self.dtype = dtype
 
     def encode(self, prompt_text: str, messages: list[dict], response: str) -> list[int]:

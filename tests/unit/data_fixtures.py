@@ -31,7 +31,8 @@ def plain_rows(n: int, seed: int = 0, rejected: bool = False) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for k in range(n):
-        row = {"prompt": f"q{k} " + sentence(rng, rng.randint(2, 8)), "response": f"a{k} " + sentence(rng, rng.randint(1, 6))}
+        row = {"prompt": f"q{k} " + sentence(rng, rng.randint(2, 8)),
+               "response": f"a{k} " + sentence(rng, rng.randint(1, 6))}
         if rejected:
             row["rejected"] = f"r{k} " + sentence(rng, rng.randint(1, 6))
         rows.append(row)

@@ -77,7 +77,8 @@ def test_truncate_and_drop_counts(tmp_path, tok_dir, tok):
     full_p = tok(tok.apply_chat_template([{"role": "user", "content": long_prompt}], tokenize=False,
                                          add_generation_prompt=True), add_special_tokens=False)["input_ids"]
     cut = out["short"]
-    assert len(cut["prompt_ids"]) + len(cut["response_ids"]) == S and full_p[-len(cut["prompt_ids"]):] == cut["prompt_ids"]
+    assert len(cut["prompt_ids"]) + len(cut["response_ids"]) == S
+    assert full_p[-len(cut["prompt_ids"]):] == cut["prompt_ids"]
     longr = out["the q"]
     assert len(longr["prompt_ids"]) + len(longr["response_ids"]) == S
     assert tok.eos_token_id not in longr["response_ids"]  # a cut response does not teach stopping
