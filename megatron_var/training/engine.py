@@ -1,0 +1,128 @@
+"""megatron-core's DDP, distributed optimizer and pipeline schedules, wired the way Megatron-LM wires them.
+
+Why here: the trainer, the layout-invariance tests and the benchmark must drive exactly the same code path, and
+megatron-core leaves the wiring (finalize hooks, no_sync, per-token loss normalisation) to the caller.
+
+Loss contract: every ``loss_func`` returns ``(loss_sum, num_units, report)`` and ``calculate_per_token_loss`` is on,
+so megatron divides the summed gradient by the number of units of the whole global batch (all micro-batches, all
+DP ranks). The gradient of a global batch therefore does not depend on how it is split into micro-batches, gradient
+accumulation steps or DP ranks; "unit" is a token for SFT and a sample for VAR/DPO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and gradient settings (Megatron-LM flag names)."""
+
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the DP gradient reduction with backward (GPU runs)."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"--min-lr must be in [0, --lr], got {self.min_lr}")
+        if self.clip_grad < 0:
+            raise ValueError(f"--clip-grad must be >= 0, got {self.clip_grad}")
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], optim: OptimConfig) -> list[DistributedDataParallel]:
+    """megatron DDP per model chunk (fp32 gradient buffers); the first chunk owns bucketing (as Megatron-LM)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=optim.overlap_grad_reduce,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+        for i, c in enumerate(chunks)
+    ]
+
+
+def build_optimizer(ddp_chunks: list[DistributedDataParallel], optim: OptimConfig):
+    """megatron AdamW (decoupled weight decay) over the DDP chunks; distributed when configured."""
+    config = ddp_chunks[0].config
+    oc = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+        decoupled_weight_decay=True,
+    )
+    optimizer = get_megatron_optimizer(oc, ddp_chunks, use_gloo_process_groups=torch.cuda.is_available())
+    install_schedule_hooks(ddp_chunks, optimizer)
+    return optimizer
+
+
+def install_schedule_hooks(model: list[torch.nn.Module], optimizer=None) -> None:
+    """Set the callbacks the pipeline schedules read from the config (as Megatron-LM's training loop does)."""
+    config = model[0].config
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = finalize_model_grads
+    if isinstance(model[0], DistributedDataParallel):
+        no_sync = [m.no_sync for m in model]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if optimizer is not None:
+        config.grad_scale_func = optimizer.scale_loss
+
+
+def run_schedule(forward_step: Callable, microbatches: list, model: list[torch.nn.Module], *,
+                 forward_only: bool, seq_length: int, micro_batch_size: int) -> list:
+    """One pass of megatron's schedule over ``microbatches``; returns the loss reports (last PP stage only).
+
+    Each virtual-pipeline chunk gets its own iterator over the same micro-batches, as the interleaved schedule
+    expects.
+    """
+    for m in model:
+        m.config.calculate_per_token_loss = True
+    if not forward_only:
+        for m in model:
+            if hasattr(m, "zero_grad_buffer"):
+                m.zero_grad_buffer()
+    iterators = [iter(microbatches) for _ in model]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(model) > 1 else iterators[0],
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def sum_reports(reports: Iterable[dict], keys: Optional[Iterable[str]] = None) -> dict[str, float]:
+    """Add up per-micro-batch report values (tensors or floats) by key."""
+    out: dict[str, float] = {}
+    for r in reports:
+        for k, v in r.items():
+            if keys is None or k in keys:
+                out[k] = out.get(k, 0.0) + float(v)
+    return out

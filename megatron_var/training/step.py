@@ -1,0 +1,55 @@
+"""``forward_step`` for megatron's schedules: model forward, then a loss that reads per-token log-probs.
+
+Why one adapter for every objective: the policy and the frozen reference must compute log-probs through exactly the
+same code path (a peer shipped a bug where they differed under TP); objectives only differ in how they reduce the
+[b, s] token log-probs, which is a pure function passed in as ``reduce_fn``.
+
+Batch dict (one micro-batch): ``tokens`` [b, s] long, ``labels`` [b, s] long (next token), ``loss_mask`` [b, s]
+float, optional ``position_ids`` [b, s] and ``attention_mask`` [b|1, 1, s, s] bool (True = masked), plus whatever
+the objective's ``reduce_fn`` reads (rewards, reference log-probs, ...).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+
+from megatron_var.logprobs import token_logprobs
+
+# reduce_fn(token_logps [b, s], batch) -> (loss_sum scalar, num_units int tensor, report dict)
+ReduceFn = Callable[[torch.Tensor, dict], tuple]
+
+
+def to_device(batch: dict) -> dict:
+    """Move tensors to the current CUDA device (no-op on CPU)."""
+    if not torch.cuda.is_available():
+        return batch
+    dev = torch.cuda.current_device()
+    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def make_forward_step(reduce_fn: ReduceFn, vocab_size: int) -> Callable:
+    """A megatron ``forward_step(data_iterator, model)`` that applies ``reduce_fn`` on the last stage."""
+
+    def forward_step(data_iterator, model):
+        batch = to_device(next(data_iterator))
+        output = model(batch["tokens"], batch.get("position_ids"), batch.get("attention_mask"))
+        return output, partial(_loss, reduce_fn, vocab_size, batch)
+
+    return forward_step
+
+
+def _loss(reduce_fn: ReduceFn, vocab_size: int, batch: dict, logits_bsv: torch.Tensor):
+    token_logps = token_logprobs(logits_bsv, batch["labels"], vocab_size) * batch["loss_mask"]
+    return reduce_fn(token_logps, batch)
+
+
+def sft_reduce(token_logps: torch.Tensor, batch: dict):
+    """Token-level negative log-likelihood over response tokens; unit = token."""
+    from megatron_var.objectives.sft import sft_loss_sum
+
+    loss_sum, num_tokens = sft_loss_sum(token_logps, batch["loss_mask"])
+    num_tokens = torch.as_tensor(num_tokens, dtype=torch.int, device=token_logps.device)
+    return loss_sum, num_tokens, {"loss_sum": loss_sum.detach().clone(), "units": num_tokens.clone()}

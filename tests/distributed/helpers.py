@@ -1,0 +1,77 @@
+"""Shared pieces of the distributed tests: tiny architectures, deterministic batches, comparisons."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_var import parallel
+from megatron_var.models.arch import ModelArch
+
+LLAMA = ModelArch(family="llama", num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8,
+                  num_query_groups=4, kv_channels=8, vocab_size=120, max_position_embeddings=256,
+                  rope_theta=10000.0, rms_norm_eps=1e-5)
+QWEN_TIED = ModelArch(family="qwen2", num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                      num_query_groups=2, kv_channels=16, vocab_size=130, max_position_embeddings=256,
+                      rope_theta=1e6, rms_norm_eps=1e-6, add_qkv_bias=True, tie_word_embeddings=True)
+
+
+def sft_microbatches(n: int, b: int, s: int, vocab: int, seed: int = 0) -> list[dict]:
+    """``n`` micro-batches of [b, s] random tokens with next-token labels and a ragged response mask."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, vocab, (b, s + 1), generator=g)
+        start = torch.randint(1, s // 2, (b, 1), generator=g)
+        end = torch.randint(s // 2 + 1, s + 1, (b, 1), generator=g)
+        pos = torch.arange(s)[None]
+        out.append({"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+                    "loss_mask": ((pos >= start) & (pos < end)).float()})
+    return out
+
+
+def dp_share(items: list, replicate: bool = False) -> list:
+    """This data-parallel rank's contiguous share of the global list (all of it when ``replicate``)."""
+    if replicate:
+        return list(items)
+    dp, r = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    assert len(items) % dp == 0
+    k = len(items) // dp
+    return items[r * k:(r + 1) * k]
+
+
+def global_sum(values: list[float]) -> list[float]:
+    """Sum over the loss-holding ranks (last PP stage, TP rank 0) of the whole world -> same on every rank."""
+    holder = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+        parallel_state.get_tensor_model_parallel_rank() == 0
+    t = torch.tensor(values if holder else [0.0] * len(values), dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def max_rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """Largest max|a-b| / max|b| over tensors with the same key set."""
+    assert set(a) == set(b), sorted(set(a) ^ set(b))
+    worst, where = 0.0, ""
+    for k in b:
+        denom = b[k].abs().max().item() or 1.0
+        err = (a[k].double() - b[k].double()).abs().max().item() / denom
+        if err > worst:
+            worst, where = err, k
+    return worst, where
+
+
+@contextlib.contextmanager
+def layout(tp: int = 1, pp: int = 1, vpp=None, sp: bool = False, seed: int = 1234):
+    """megatron's TP/PP/DP groups for one layout of the world, torn down on exit."""
+    pc = parallel.ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp)
+    parallel.init_model_parallel(pc)
+    parallel.seed_everything(seed)
+    try:
+        yield pc
+    finally:
+        parallel.destroy_model_parallel()
