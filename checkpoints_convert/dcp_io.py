@@ -1,0 +1,208 @@
+"""Write and read megatron-core ``torch_dist`` checkpoints tensor by tensor, without a process group.
+
+Writing: a ``SavePlanner`` whose plan is built from shapes alone and whose ``resolve_data`` produces each chunk
+on demand (read from the HF shard, permuted, cast), so only one chunk is ever alive. The result is what
+``dist_checkpointing.save`` writes for a TP=1/PP=1 model: one global tensor per ShardedTensor key, layer-stacked
+keys stored as one chunk per layer, ShardedObjects (``_extra_state``, ``common_state``) as pickled lists, plus
+megatron's ``metadata.json``. One file per item (``single_file_per_rank=False``): torch's writer keeps every
+tensor of a file alive until the file is closed, so one file per item is what bounds the memory.
+
+Reading: a ``LoadPlanner`` that fetches one rectangular region of one key (e.g. layer 7 of linear_qkv) from
+whatever chunking the checkpoint has (converter: one chunk per layer; training: TP shards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+
+@dataclass(frozen=True)
+class TensorChunk:
+    """The block [offsets, offsets + sizes) of global tensor ``key``; ``load()`` makes it (contiguous)."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.sizes) * self.dtype.itemsize
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence DCP's 'assuming single process' warning: working without a process group is the point here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def sharded_object_key(key: str, offset: tuple[int, ...], global_shape: tuple[int, ...]) -> str:
+    """megatron's ``ShardedObject.unique_key``: ``key/shard_<offset>_<shape>`` (dot-joined)."""
+    return f"{key}/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, global_shape))}"
+
+
+def _check_tiling(chunks: list[TensorChunk]) -> None:
+    """Every key's chunks must fit its shape and fill it exactly (a table bug must not write holes)."""
+    volume: dict[str, int] = {}
+    shape: dict[str, tuple] = {}
+    for c in chunks:
+        if shape.setdefault(c.key, c.global_shape) != c.global_shape:
+            raise AssertionError(f"{c.key}: chunks disagree on the global shape")
+        if any(o + s > g for o, s, g in zip(c.offsets, c.sizes, c.global_shape)):
+            raise AssertionError(f"{c.key}: chunk {c.offsets}+{c.sizes} outside {c.global_shape}")
+        volume[c.key] = volume.get(c.key, 0) + math.prod(c.sizes)
+    for key, v in volume.items():
+        if v != math.prod(shape[key]):
+            raise AssertionError(f"{key}: chunks cover {v} of {math.prod(shape[key])} elements")
+
+
+class _LazySavePlanner(DefaultSavePlanner):
+    def __init__(self, chunks: list[TensorChunk], objects: dict[str, Any], on_chunk: Optional[Callable]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.chunks = {(c.key, tuple(c.offsets)): c for c in chunks}
+        self.objects = objects
+        self.on_chunk = on_chunk
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:
+        self.state_dict = {}
+        self.is_coordinator = is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        items = [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self.objects]
+        for c in self.chunks.values():
+            items.append(WriteItem(
+                index=MetadataIndex(c.key, torch.Size(c.offsets)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)),
+                    properties=TensorProperties(dtype=c.dtype),
+                    size=torch.Size(c.global_shape),
+                ),
+            ))
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem):
+        if write_item.type == WriteItemType.BYTE_IO:
+            buf = io.BytesIO()
+            torch.save([self.objects[write_item.index.fqn]], buf)  # megatron stores a list of shard data
+            return buf
+        c = self.chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        t = c.load()
+        if tuple(t.shape) != tuple(c.sizes) or t.dtype != c.dtype:
+            raise AssertionError(f"{c.key}{list(c.offsets)}: made {tuple(t.shape)} {t.dtype}, "
+                                 f"planned {c.sizes} {c.dtype}")
+        t = t.contiguous()
+        if self.on_chunk is not None:
+            self.on_chunk(c)
+        return t
+
+
+def write_checkpoint(path, chunks: list[TensorChunk], objects: dict[str, Any],
+                     common_state: dict, on_chunk: Optional[Callable[[TensorChunk], None]] = None) -> None:
+    """Write a megatron-core torch_dist checkpoint to the (new) directory ``path``.
+
+    ``objects``: {ShardedObject unique key: data}; ``common_state``: megatron's non-sharded state dict.
+    """
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+
+    _check_tiling(chunks)
+    objects = dict(objects)
+    objects[sharded_object_key("common_state", (0,), (1,))] = common_state
+    Path(path).mkdir(parents=True, exist_ok=False)
+    writer = FileSystemWriter(str(path), single_file_per_rank=False, thread_count=1, overwrite=False)
+    with _quiet():
+        dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects, on_chunk), no_dist=True)
+    save_config(CheckpointingConfig("torch_dist", 1), str(path))
+
+
+def _narrow(t: torch.Tensor, offsets, lengths) -> torch.Tensor:
+    for dim, (o, n) in enumerate(zip(offsets, lengths)):
+        t = t.narrow(dim, o, n)
+    return t
+
+
+class _CachedReader(FileSystemReader):
+    """Reads ``.metadata`` once for many region loads."""
+
+    def __init__(self, path):
+        super().__init__(str(path))
+        self._metadata = None
+
+    def read_metadata(self, *args, **kwargs):
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+class _RegionLoadPlanner(DefaultLoadPlanner):
+    def __init__(self, key: str, offsets: tuple[int, ...], dest: torch.Tensor):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.key, self.offsets, self.dest = key, offsets, dest
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        self.state_dict, self.metadata, self.is_coordinator = {}, metadata, is_coordinator
+
+    def create_local_plan(self) -> LoadPlan:
+        want = ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=self.dest.shape)
+        md = self.metadata.state_dict_metadata[self.key]
+        return LoadPlan(create_read_items_for_chunk_list(self.key, md, [want]))
+
+    def resolve_tensor(self, read_item):
+        return _narrow(self.dest, read_item.dest_offsets, read_item.lengths)
+
+    def commit_tensor(self, read_item, tensor) -> None:
+        pass
+
+
+class CheckpointReader:
+    """Region reads from a torch_dist checkpoint directory (no process group, one region in memory)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._reader = _CachedReader(self.path)
+        try:
+            self.metadata = self._reader.read_metadata()
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint metadata {self.path}/.metadata: {e}") from e
+
+    def tensor(self, key: str) -> TensorStorageMetadata:
+        md = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise ValueError(f"checkpoint {self.path} has no tensor {key!r}")
+        return md
+
+    def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+        """The block [offsets, offsets + sizes) of ``key``, in the stored dtype."""
+        md = self.tensor(key)
+        dest = torch.empty(sizes, dtype=md.properties.dtype)
+        try:
+            with _quiet():
+                dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(key, tuple(offsets), dest),
+                         no_dist=True)
+        except Exception as e:  # torch wraps per-file errors in CheckpointException
+            raise ValueError(f"cannot read {key} from {self.path}: {type(e).__name__}: {e}") from e
+        return dest
