@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
@@ -33,6 +35,9 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+
+MEGATRON_CHECKPOINT_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,19 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+@contextlib.contextmanager
+def _unwrapped():
+    """Re-raise the original error (a ValueError naming a shard, an OSError, Ctrl-C) instead of DCP's
+    CheckpointException, which wraps every failure of a save or load together with a formatted traceback."""
+    try:
+        yield
+    except CheckpointException as e:
+        originals = [f[0] for f in e.failures.values() if isinstance(f, tuple) and isinstance(f[0], BaseException)]
+        if originals:
+            raise originals[0] from None
+        raise
 
 
 def sharded_object_key(key: str, offset: tuple[int, ...], global_shape: tuple[int, ...]) -> str:
@@ -127,16 +145,15 @@ def write_checkpoint(path, chunks: list[TensorChunk], objects: dict[str, Any],
 
     ``objects``: {ShardedObject unique key: data}; ``common_state``: megatron's non-sharded state dict.
     """
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-
     _check_tiling(chunks)
     objects = dict(objects)
     objects[sharded_object_key("common_state", (0,), (1,))] = common_state
     Path(path).mkdir(parents=True, exist_ok=False)
     writer = FileSystemWriter(str(path), single_file_per_rank=False, thread_count=1, overwrite=False)
-    with _quiet():
+    with _unwrapped(), _quiet():
         dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects, on_chunk), no_dist=True)
-    save_config(CheckpointingConfig("torch_dist", 1), str(path))
+    # megatron's CheckpointingConfig (what dist_checkpointing.save writes last), without importing megatron
+    (Path(path) / "metadata.json").write_text(json.dumps(MEGATRON_CHECKPOINT_CONFIG))
 
 
 def _narrow(t: torch.Tensor, offsets, lengths) -> torch.Tensor:
@@ -200,9 +217,9 @@ class CheckpointReader:
         md = self.tensor(key)
         dest = torch.empty(sizes, dtype=md.properties.dtype)
         try:
-            with _quiet():
+            with _unwrapped(), _quiet():
                 dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(key, tuple(offsets), dest),
                          no_dist=True)
-        except Exception as e:  # torch wraps per-file errors in CheckpointException
+        except Exception as e:
             raise ValueError(f"cannot read {key} from {self.path}: {type(e).__name__}: {e}") from e
         return dest

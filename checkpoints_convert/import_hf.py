@@ -61,8 +61,18 @@ def check_tensors(fmap: FamilyMap, arch: ModelArch, ckpt: HFCheckpoint) -> None:
         raise ValueError(f"tensor {extra[0]} in {ckpt.dir / ckpt.tensors[extra[0]].file} is not part of a "
                          f"{arch.family} model with this config ({where})"
                          + (f"; {len(extra) - 1} more" if len(extra) > 1 else ""))
-    if ignored & set(ckpt.tensors):
-        logger.info("tied embeddings: ignoring %s (the LM head is the embedding)", sorted(ignored & set(ckpt.tensors)))
+    for name in sorted(ignored & set(ckpt.tensors)):
+        _check_tied_copy(ckpt, name, fmap.pre[0].hf_name)
+
+
+def _check_tied_copy(ckpt: HFCheckpoint, head: str, embedding: str) -> None:
+    """A tied checkpoint may still store the LM head; it must then equal the embedding, or the config lies
+    (dropping a real LM head is the 'converted fine, scores ~0' failure)."""
+    if not torch.equal(ckpt.get(head), ckpt.get(embedding)):
+        raise ValueError(f"config.json says tie_word_embeddings=true but tensor {head} in "
+                         f"{ckpt.dir / ckpt.tensors[head].file} differs from {embedding}: config and weights do "
+                         "not match")
+    logger.info("tied embeddings: %s equals %s and is not stored twice", head, embedding)
 
 
 def _make_chunk(ckpt: HFCheckpoint, piece: Piece, names: tuple[str, ...], dtype: torch.dtype,

@@ -64,6 +64,8 @@ def hf_dir(root) -> Path:
 def read_arch(root) -> ModelArch:
     """The ModelArch stored with the checkpoint; ValueError naming the path when it is missing or broken."""
     path = Path(root) / ARCH_FILE
+    if not Path(root).is_dir():
+        raise ValueError(f"checkpoint directory {root} does not exist")
     if not path.is_file():
         raise ValueError(f"{path} not found: {root} is not a megatron_var checkpoint "
                          "(convert an HF model with checkpoints_convert/hf_to_megatron.py)")
