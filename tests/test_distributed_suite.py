@@ -18,7 +18,7 @@ def test_distributed_suite(tmp_path):
     logs = tmp_path / "logs"
     env = dict(os.environ, MEGATRON_VAR_IN_TORCHRUN="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                TORCH_NCCL_ASYNC_ERROR_HANDLING="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
            "--log-dir", str(logs), "--redirects", "3",
            "-m", "pytest", str(ROOT / "tests" / "distributed"), "-q", "-p", "no:cacheprovider",
            "-o", "timeout=600", *shlex.split(os.environ.get("MEGATRON_VAR_DIST_ARGS", ""))]
