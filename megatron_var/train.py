@@ -1,0 +1,102 @@
+"""Training entry point: ``torchrun ... -m megatron_var.train --objective var|sft|dpo ...``.
+
+Flags follow Megatron-LM's names where one exists; VAR's own are prefixed ``--var-``. User errors (bad flags,
+missing paths, layouts that do not fit) end with one ``error:`` line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megatron_var.train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("objective")
+    g.add_argument("--objective", choices=["var", "sft", "dpo"], default="var")
+    g.add_argument("--var-lambda", type=float, default=1.0, help="λ: rewards enter the weights as r/λ")
+    g.add_argument("--var-logp-reduction", choices=["sum", "mean"], default="sum",
+                   help="sequence log-prob = sum (paper) or per-token mean of response token log-probs")
+    g.add_argument("--cross-pair-method", choices=["shared_prefix", "naive"], default="shared_prefix")
+    g.add_argument("--dpo-beta", type=float, default=0.1)
+    g = p.add_argument_group("data and checkpoints")
+    g.add_argument("--data-path", required=True, help="directory written by tools/prepare_data.py")
+    g.add_argument("--load", help="megatron_var checkpoint (converted from HF or saved by training)")
+    g.add_argument("--ref-load", help="reference checkpoint (default: the policy's initial --load)")
+    g.add_argument("--ref-offload", action="store_true", help="keep reference weights on CPU between uses (GPU)")
+    g.add_argument("--model-arch", help="model_arch.json for a randomly initialised model (no --load)")
+    g.add_argument("--save")
+    g.add_argument("--save-interval", type=int)
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="groups per micro-batch")
+    g.add_argument("--global-batch-size", type=int, default=1, help="groups per iteration over all DP ranks")
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--lr", type=float, default=1e-5)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant"])
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--max-nan-skips", type=int, default=10)
+    g = p.add_argument_group("parallelism and precision")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--no-use-distributed-optimizer", action="store_true")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters (default on GPU; CPU runs use fp32)")
+    g.add_argument("--transformer-impl", choices=["auto", "te", "local"], default="auto")
+    g.add_argument("--recompute-activations", action="store_true")
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=1)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore")
+    from megatron_var import parallel
+    from megatron_var.models.gpt import ModelOptions
+    from megatron_var.training.engine import OptimConfig
+    from megatron_var.training.loop import TrainConfig, Trainer
+
+    try:
+        pc = parallel.ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                     args.virtual_pipeline_model_parallel_size, args.sequence_parallel)
+        cfg = TrainConfig(objective=args.objective, data_path=args.data_path,
+                          micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+                          train_iters=args.train_iters, epochs=args.epochs, lr_warmup_iters=args.lr_warmup_iters,
+                          lr_decay_style=args.lr_decay_style, seed=args.seed, var_lambda=args.var_lambda,
+                          logp_reduction=args.var_logp_reduction, cross_pair_method=args.cross_pair_method,
+                          dpo_beta=args.dpo_beta, load=args.load, ref_load=args.ref_load,
+                          ref_offload=args.ref_offload, model_arch=args.model_arch, save=args.save,
+                          save_interval=args.save_interval, log_interval=args.log_interval,
+                          max_nan_skips=args.max_nan_skips)
+        optim = OptimConfig(lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
+                            use_distributed_optimizer=not args.no_use_distributed_optimizer)
+        bf16 = args.bf16 or torch.cuda.is_available()
+        options = ModelOptions(params_dtype="bf16" if bf16 else "fp32", transformer_impl=args.transformer_impl,
+                               recompute_activations=args.recompute_activations)
+        parallel.init_distributed()
+        parallel.init_model_parallel(pc)
+        parallel.seed_everything(args.seed)
+        Trainer(cfg, pc, optim, options).train()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

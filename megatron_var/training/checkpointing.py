@@ -1,0 +1,120 @@
+"""Training checkpoints with megatron-core distributed checkpointing, written atomically.
+
+Layout of ``--save`` (also what ``--load`` reads):
+    model_arch.json                   the architecture (so no model-shape flags are needed)
+    latest_checkpointed_iteration.txt the iteration ``--load`` resumes from; replaced atomically, last
+    iter_0000042/                     megatron-core dist checkpoint: model, optimizer, LR scheduler, trainer state
+Why atomic: a crash during a save must leave the previous checkpoint as the one ``--load`` finds. The new
+checkpoint is written to ``iter_XXXXXXX.tmp``, renamed when every rank has finished, and only then is the tracker
+file replaced (tmp + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+logger = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(root, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root) -> Optional[int]:
+    """The iteration recorded in the tracker file, or None when ``root`` holds no checkpoint."""
+    tracker = Path(root) / TRACKER
+    if not tracker.exists():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def _model_sd(model: list) -> dict:
+    """{'model': sd} for one chunk, {'model0': sd0, 'model1': sd1, ...} for virtual-pipeline chunks."""
+    if len(model) == 1:
+        return {"model": model[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model)}
+
+
+def save_checkpoint(root, iteration: int, model: list, optimizer=None, scheduler=None,
+                    trainer_state: Optional[dict] = None) -> Path:
+    """Save a full training state at ``iteration``; every rank must call it."""
+    root = Path(root)
+    final, tmp = iteration_dir(root, iteration), Path(str(iteration_dir(root, iteration)) + ".tmp")
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    sd = _model_sd(model)
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd if len(model) > 1 else sd["model"],
+                                                       sharding_type="fully_sharded_model_space")
+    if scheduler is not None:
+        sd["opt_param_scheduler"] = scheduler.state_dict()
+    sd["trainer_state"] = dict(trainer_state or {}, iteration=iteration)
+    dist_checkpointing.save(sd, str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        tracker_tmp = root / (TRACKER + ".tmp")
+        tracker_tmp.write_text(f"{iteration}\n")
+        os.replace(tracker_tmp, root / TRACKER)
+    dist.barrier()
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration: Optional[int] = None
+                    ) -> dict:
+    """Load model (and optimizer/scheduler when given and present) from ``root``; returns the trainer state.
+
+    A checkpoint written by ``hf_to_megatron.py`` holds model weights only: then the trainer state is empty and a
+    fresh run starts from those weights.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--load {root}: no such directory")
+    it = latest_iteration(root) if iteration is None else iteration
+    if it is None:
+        raise ValueError(f"--load {root}: no {TRACKER} (not a megatron_var checkpoint)")
+    ckpt = iteration_dir(root, it)
+    if not ckpt.is_dir():
+        raise ValueError(f"--load {root}: tracker names iteration {it} but {ckpt} is missing")
+    sd = _model_sd(model)
+    has_train_state = (ckpt / "common.pt").exists() and _has_key(ckpt, "trainer_state")
+    if has_train_state and optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd if len(model) > 1 else sd["model"], is_loading=True,
+                                                       sharding_type="fully_sharded_model_space")
+    if has_train_state:
+        sd["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else {}
+        sd["trainer_state"] = {}
+    try:
+        loaded = dist_checkpointing.load(sd, str(ckpt))
+    except Exception as e:  # megatron raises several types for shape/key mismatches
+        raise ValueError(f"--load {ckpt}: cannot load into this model ({type(e).__name__}: {e}); "
+                         "is it a checkpoint of a different model shape?") from e
+    keys = ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+    for m, k in zip(model, keys):
+        m.load_state_dict(loaded[k], strict=False)
+    if has_train_state and optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if has_train_state and scheduler is not None:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    return dict(loaded.get("trainer_state", {})) if has_train_state else {}
+
+
+def _has_key(ckpt: Path, key: str) -> bool:
+    return key in dist_checkpointing.load_common_state_dict(str(ckpt))

@@ -1,0 +1,269 @@
+"""The training loop: VAR, SFT or DPO on megatron-core, one global batch of groups per iteration.
+
+Per iteration and DP rank: take this rank's groups (batches.step_groups), let the frozen reference score them
+(VAR: [B, B] cross pairs -> weights on the last stage; DPO: diagonal log-probs), attach the results to the policy
+micro-batches, run megatron's schedule (forward/backward), step the distributed optimizer and the LR schedule,
+log, and checkpoint atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_var.data.groups import GroupDataset
+from megatron_var.models.arch import ModelArch
+from megatron_var.models.gpt import ModelOptions, build_model_chunks
+from megatron_var.objectives.var import var_metrics, var_weights
+from megatron_var.parallel import ParallelConfig
+from megatron_var.reference import FrozenReference
+from megatron_var.training import batches as B
+from megatron_var.training import checkpointing as ckpt
+from megatron_var.training.engine import OptimConfig, build_optimizer, run_schedule, sum_reports, wrap_ddp
+from megatron_var.training.objective_steps import dpo_reduce, var_reduce
+from megatron_var.training.step import make_forward_step, sft_reduce
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """What to train and for how long (the model shape comes from the checkpoint or --model-arch)."""
+
+    objective: str = "var"
+    data_path: str = ""
+    micro_batch_size: int = 1
+    """Groups per micro-batch."""
+    global_batch_size: int = 1
+    """Groups per iteration over all DP ranks (= micro-batch × accumulation × DP)."""
+    train_iters: Optional[int] = None
+    epochs: Optional[float] = None
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    seed: int = 1234
+    var_lambda: float = 1.0
+    logp_reduction: str = "sum"
+    """'sum' (the paper) or 'mean' (per-token mean log-probs for π_ref and π_θ)."""
+    cross_pair_method: str = "shared_prefix"
+    dpo_beta: float = 0.1
+    load: Optional[str] = None
+    ref_load: Optional[str] = None
+    ref_offload: bool = False
+    model_arch: Optional[str] = None
+    save: Optional[str] = None
+    save_interval: Optional[int] = None
+    log_interval: int = 1
+    max_nan_skips: int = 10
+
+    def __post_init__(self):
+        if self.objective not in ("var", "sft", "dpo"):
+            raise ValueError(f"--objective must be var, sft or dpo, got {self.objective!r}")
+        if not self.data_path:
+            raise ValueError("--data-path is required")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError("--global-batch-size must be a multiple of --micro-batch-size")
+        if (self.train_iters is None) == (self.epochs is None):
+            raise ValueError("give exactly one of --train-iters and --epochs")
+        if self.var_lambda <= 0:
+            raise ValueError(f"--var-lambda must be > 0, got {self.var_lambda}")
+        if self.load is None and self.model_arch is None:
+            raise ValueError("give --load (a megatron_var checkpoint) or --model-arch (random init)")
+
+
+def _arch(cfg: TrainConfig) -> ModelArch:
+    if cfg.load:
+        path = Path(cfg.load) / "model_arch.json"
+        if not path.exists():
+            raise ValueError(f"--load {cfg.load}: no model_arch.json (not a megatron_var checkpoint)")
+        return ModelArch.load(path)
+    return ModelArch.load(cfg.model_arch)
+
+
+def _is_last_stage_holder() -> bool:
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, pc: ParallelConfig, optim: OptimConfig, options: ModelOptions):
+        self.cfg, self.pc = cfg, pc
+        self.arch = _arch(cfg)
+        self.data = GroupDataset(cfg.data_path, "train", require_rewards=cfg.objective == "var")
+        self.group_size = int(self.data.meta["group_size"])
+        self.pad_id = 0
+        self.dp = parallel_state.get_data_parallel_world_size()
+        if cfg.global_batch_size % (cfg.micro_batch_size * self.dp):
+            raise ValueError(f"--global-batch-size {cfg.global_batch_size} must be a multiple of "
+                             f"--micro-batch-size {cfg.micro_batch_size} x data-parallel size {self.dp}")
+        chunks = build_model_chunks(self.arch, pc, options)
+        self.model = wrap_ddp(chunks, optim)
+        self.optimizer = build_optimizer(self.model, optim)
+        self.iters = cfg.train_iters or max(1, math.ceil(cfg.epochs * len(self.data) / cfg.global_batch_size))
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
+            lr_warmup_steps=cfg.lr_warmup_iters, lr_decay_steps=self.iters, lr_decay_style=cfg.lr_decay_style,
+            start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=self.iters,
+            wd_incr_style="constant")
+        self.iteration, self.consumed, self.nan_skips = 0, 0, 0
+        state = {}
+        if cfg.load:
+            state = ckpt.load_checkpoint(cfg.load, self.model, self.optimizer, self.scheduler)
+            self.iteration = int(state.get("iteration", 0))
+            self.consumed = int(state.get("consumed_groups", 0))
+            self.nan_skips = int(state.get("nan_skips", 0))
+        # the reference is the policy's *initial* weights unless --ref-load says otherwise; a resumed run finds
+        # where they came from in its trainer state
+        self.ref_source = state.get("ref_source") or (
+            {"root": cfg.ref_load, "iteration": None} if cfg.ref_load else
+            {"root": cfg.load, "iteration": ckpt.latest_iteration(cfg.load)} if cfg.load else
+            {"root": cfg.save, "iteration": 0})
+        if not cfg.load and cfg.save:
+            self.save(weights_only=True)  # iteration 0: the random initial weights = the reference source
+        self.ref = None
+        if cfg.objective in ("var", "dpo"):
+            if not self.ref_source["root"]:
+                raise ValueError("VAR/DPO need a reference: give --load, --ref-load or --save")
+            ref_chunks = build_model_chunks(self.arch, pc, options)
+            ckpt.load_checkpoint(self.ref_source["root"], ref_chunks, iteration=self.ref_source["iteration"])
+            self.ref = FrozenReference(ref_chunks, self.arch.vocab_size, self.pad_id,
+                                       method=cfg.cross_pair_method, offload=cfg.ref_offload,
+                                       pad_to_multiple_of=self._pad_multiple())
+        self.metrics_path = Path(cfg.save) / "metrics.jsonl" if cfg.save else None
+        self._truncate_metrics()
+
+    def _pad_multiple(self) -> int:
+        return self.pc.tensor_model_parallel_size if self.pc.sequence_parallel else 1
+
+    def _truncate_metrics(self) -> None:
+        """Keep metrics.jsonl append-safe across resumes: drop lines past the resumed iteration."""
+        if self.metrics_path is None or dist.get_rank() != 0:
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.metrics_path.exists():
+            keep = [ln for ln in self.metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["iteration"] <= self.iteration]
+            tmp = self.metrics_path.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, self.metrics_path)
+
+    # ---- one iteration ------------------------------------------------------------------------------------
+    def _reference_pass(self, micro: list[list]) -> tuple[list[dict], dict]:
+        cfg, extra = self.cfg, {}
+        groups = [g for mg in micro for g in mg]
+        prompts = [g.prompt_ids for g in groups]
+        responses = [g.response_ids for g in groups]
+        batches = B.uniform_microbatches(micro, self.pad_id, self._pad_multiple(),
+                                         same_length=self.pc.pipeline_model_parallel_size > 1)
+        if cfg.objective == "var":
+            mats = self.ref.score_cross_pairs(prompts, responses, cfg.logp_reduction)
+            if mats is not None:
+                ref_bb = torch.stack(mats)  # [G, B, B]
+                rewards = B.rewards_tensor(groups)
+                w = var_weights(ref_bb, rewards, cfg.var_lambda)  # [G, B]
+                extra = var_metrics(ref_bb, rewards, cfg.var_lambda, w)
+                per_micro = w.split([len(mg) for mg in micro])
+                for b, wm in zip(batches, per_micro):
+                    b["weights"] = wm.reshape(-1)
+        elif cfg.objective == "dpo":
+            vecs = self.ref.score_diagonal(prompts, responses, cfg.logp_reduction)
+            if vecs is not None:
+                per_micro = torch.stack(vecs).split([len(mg) for mg in micro])
+                for b, v in zip(batches, per_micro):
+                    b["ref_logps"] = v.reshape(-1)
+        return batches, extra
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        idx = B.step_groups(len(self.data), cfg.seed, self.consumed, cfg.global_batch_size,
+                            parallel_state.get_data_parallel_rank(), self.dp)
+        groups = [self.data[k] for k in idx]
+        micro = [groups[i:i + cfg.micro_batch_size] for i in range(0, len(groups), cfg.micro_batch_size)]
+        t0 = time.perf_counter()
+        batches, extra = self._reference_pass(micro)
+        reduce_fn = {"var": var_reduce(cfg.logp_reduction), "dpo": dpo_reduce(cfg.dpo_beta, cfg.logp_reduction),
+                     "sft": sft_reduce}[cfg.objective]
+        tokens = sum(int((b["tokens"] != self.pad_id).sum()) for b in batches)
+        reports = run_schedule(make_forward_step(reduce_fn, self.arch.vocab_size), batches, self.model,
+                               forward_only=False, seq_length=max(b["tokens"].size(1) for b in batches),
+                               micro_batch_size=batches[0]["tokens"].size(0))
+        summed = sum_reports(reports)
+        stats = _global_stats(summed, extra, tokens)
+        loss = stats["loss_sum"] / max(stats["units"], 1.0)
+        if not math.isfinite(loss):
+            self.nan_skips += 1
+            for m in self.model:
+                m.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            if self.nan_skips > cfg.max_nan_skips:
+                raise RuntimeError(f"loss was NaN/inf {self.nan_skips} times (limit --max-nan-skips); stopping")
+            ok, grad_norm = False, float("nan")
+        else:
+            ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed += cfg.global_batch_size
+        dt = time.perf_counter() - t0
+        rec = {"iteration": self.iteration, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "tokens_per_s": stats["tokens"] / dt, "step_time_s": dt, "skipped": not ok,
+               "consumed_groups": self.consumed}
+        rec.update({k: v for k, v in stats.items() if k not in ("loss_sum", "units", "tokens")})
+        return rec
+
+    def train(self) -> None:
+        while self.iteration < self.iters:
+            rec = self.train_step()
+            if dist.get_rank() == 0:
+                if self.metrics_path:
+                    with self.metrics_path.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                if self.iteration % self.cfg.log_interval == 0:
+                    logger.info("iter %d/%d | loss %.5f | lr %.3g | grad norm %s | %.0f tokens/s | %.2f s/it%s",
+                                self.iteration, self.iters, rec["loss"], rec["lr"],
+                                f"{rec['grad_norm']:.4f}" if rec["grad_norm"] is not None else "-",
+                                rec["tokens_per_s"], rec["step_time_s"],
+                                "".join(f" | {k} {v:.4g}" for k, v in rec.items() if k.startswith(("var/", "rewards/"))))
+            if self.cfg.save and self.cfg.save_interval and self.iteration % self.cfg.save_interval == 0:
+                self.save()
+        if self.cfg.save and (not self.cfg.save_interval or self.iteration % self.cfg.save_interval):
+            self.save()
+
+    def save(self, weights_only: bool = False) -> None:
+        if dist.get_rank() == 0:
+            Path(self.cfg.save).mkdir(parents=True, exist_ok=True)
+            self.arch.save(Path(self.cfg.save) / "model_arch.json")
+        ckpt.save_checkpoint(self.cfg.save, self.iteration, self.model, None if weights_only else self.optimizer,
+                             None if weights_only else self.scheduler,
+                             {"consumed_groups": self.consumed, "nan_skips": self.nan_skips,
+                              "ref_source": self.ref_source})
+
+
+def _global_stats(summed: dict, extra: dict, tokens: int) -> dict:
+    """Sum loss/units/metric sums over the last-stage ranks of all DP replicas (TP rank 0), tokens over DP."""
+    holder = _is_last_stage_holder() and parallel_state.get_tensor_model_parallel_rank() == 0
+    keys = sorted(set(summed) | set(extra))
+    vals = [summed.get(k, 0.0) + (extra.get(k, 0.0) if holder else 0.0) if holder else 0.0 for k in keys]
+    first_mp = parallel_state.get_tensor_model_parallel_rank() == 0 and \
+        parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    t = torch.tensor(vals + [1.0 if holder else 0.0, float(tokens) if first_mp else 0.0], dtype=torch.float64)
+    dist.all_reduce(t)
+    out = dict(zip(keys, t[:-2].tolist()))
+    n_holders = max(t[-2].item(), 1.0)
+    for k in extra:  # VAR metrics are means per DP replica: average them
+        out[k] = out[k] / n_holders
+    units = max(out.get("units", 1.0), 1.0)
+    for k in list(out):
+        if k.startswith("rewards/") or k.startswith("logps/"):
+            out[k] = out[k] / units
+    out["tokens"] = t[-1].item()
+    return out

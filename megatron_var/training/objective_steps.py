@@ -1,0 +1,48 @@
+"""Objective adapters for ``make_forward_step``: reduce the policy's token log-probs into (loss_sum, units, report).
+
+Why adapters: the reference quantities (VAR weights, DPO reference log-probs) are computed for the whole step
+before the policy's forward/backward and attached to each micro-batch, so the loss only *reads* them
+(peer lesson: precomputed reference log-probs broke under multi-GPU elsewhere when computed inside the loss).
+Units: VAR and DPO normalise per sample / pair, SFT per token (see engine.py for the global normalisation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_var.objectives.dpo import dpo_loss
+from megatron_var.objectives.var import var_loss_sum
+
+
+def _units(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(n, dtype=torch.int, device=like.device)
+
+
+def var_reduce(reduction: str = "sum"):
+    """-sum_i w_i log pi_theta(y_i|x_i); ``batch['weights']`` [G*B] from the reference pass."""
+
+    def reduce_fn(token_logps: torch.Tensor, batch: dict):
+        seq_logps = batch["cross"].reduce(token_logps, reduction)  # [G*B]
+        weights = batch["weights"].to(seq_logps.device)
+        loss_sum, count = var_loss_sum(seq_logps, weights)
+        return loss_sum, count, {"loss_sum": loss_sum.detach().clone(), "units": count.clone(),
+                                 "policy_logp_sum": seq_logps.detach().sum()}
+
+    return reduce_fn
+
+
+def dpo_reduce(beta: float, reduction: str = "sum"):
+    """Sigmoid DPO over groups [chosen, rejected]; ``batch['ref_logps']`` [G*2] from the reference pass."""
+
+    def reduce_fn(token_logps: torch.Tensor, batch: dict):
+        seq = batch["cross"].reduce(token_logps, reduction)
+        ref = batch["ref_logps"].to(seq.device)
+        losses, metrics = dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], beta=beta)
+        loss_sum = losses.sum()
+        n = losses.numel()
+        report = {"loss_sum": loss_sum.detach().clone(), "units": _units(n, seq)}
+        report.update({k: v.detach() * n for k, v in metrics.items()})  # summed; divided by units when logged
+        return loss_sum, _units(n, seq), report
+
+    return reduce_fn
+
