@@ -214,10 +214,8 @@ class FamilyMap:
     hf_ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
     """HF entries that are buffers, not weights (old checkpoints carry them); skipped on import."""
 
-    def global_rules(self, arch: ModelArch) -> tuple[Rule, ...]:
-        return tuple(r for r in self.pre + self.post if not (arch.tie_word_embeddings and getattr(r, "untied_only", False)))
-
     def active(self, rules: tuple[Rule, ...], arch: ModelArch) -> tuple[Rule, ...]:
+        """``rules`` without the LM head when embeddings are tied."""
         return tuple(r for r in rules if not (arch.tie_word_embeddings and getattr(r, "untied_only", False)))
 
     def hf_layer_name(self, layer: int, name: str) -> str:
@@ -244,10 +242,6 @@ class FamilyMap:
         if not arch.tie_word_embeddings:
             return ()
         return tuple(r.hf_name for r in self.pre + self.post if getattr(r, "untied_only", False))
-
-
-def rows_of(shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
-    return shape[0], tuple(shape[1:])
 
 
 def family_dtype(arch: ModelArch, override: Optional[str]) -> torch.dtype:

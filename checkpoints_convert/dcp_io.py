@@ -215,6 +215,11 @@ class CheckpointReader:
     def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """The block [offsets, offsets + sizes) of ``key``, in the stored dtype."""
         md = self.tensor(key)
+        stored = [c for c in md.chunks if tuple(c.offsets) == tuple(offsets) and tuple(c.sizes) == tuple(sizes)]
+        if stored:
+            t = self._read_stored_chunk(key, stored[0])
+            if t is not None:
+                return t
         dest = torch.empty(sizes, dtype=md.properties.dtype)
         try:
             with _unwrapped(), _quiet():
@@ -223,3 +228,47 @@ class CheckpointReader:
         except Exception as e:
             raise ValueError(f"cannot read {key} from {self.path}: {type(e).__name__}: {e}") from e
         return dest
+
+    def _read_stored_chunk(self, key: str, chunk: ChunkStorageMetadata) -> Optional[torch.Tensor]:
+        """A region that is exactly one stored chunk, loaded in place (DCP's reader would load it and then copy
+        it into the destination: 2x the memory). None when the item is stored in a way we do not read here."""
+        info = self.metadata.storage_data.get(MetadataIndex(key, chunk.offsets))
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None
+        try:
+            with open(self.path / info.relative_path, "rb") as f:
+                t = torch.load(_FileView(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read {key} from {self.path / info.relative_path}: {type(e).__name__}: {e}") from e
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(chunk.sizes):
+            raise ValueError(f"corrupt checkpoint item {key} in {self.path / info.relative_path}")
+        return t
+
+
+class _FileView(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open file as a seekable stream (one torch.save blob)."""
+
+    def __init__(self, f, offset: int, length: int):
+        super().__init__()
+        self.f, self.start, self.length = f, offset, length
+        self.f.seek(offset)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.f.tell() - self.start
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.tell(), io.SEEK_END: self.length}[whence]
+        self.f.seek(self.start + base + pos)
+        return self.tell()
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.length - self.tell())
+        if n <= 0:
+            return 0
+        return self.f.readinto(memoryview(b)[:n])

@@ -53,7 +53,8 @@ def _region_reader(reader: CheckpointReader, key: str, shape: tuple[int, ...], l
 def check_checkpoint(fmap: FamilyMap, arch: ModelArch, reader: CheckpointReader) -> None:
     """Every Megatron tensor the architecture needs is stored with the expected global shape."""
     dm = dims(arch)
-    for rules, layered in ((fmap.active(fmap.pre, arch), False), (fmap.layer, True), (fmap.active(fmap.post, arch), False)):
+    groups = ((fmap.active(fmap.pre, arch), False), (fmap.layer, True), (fmap.active(fmap.post, arch), False))
+    for rules, layered in groups:
         for rule in rules:
             key = fmap.meg_key(rule, layered)
             want = ((arch.num_layers,) if layered else ()) + rule.meg_shape(dm)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,8 @@ class ShardedSafetensorsWriter:
 
     def _close(self) -> None:
         if self._stream is not None:
+            self._stream.flush()
+            os.fsync(self._stream.fileno())  # on disk before the output directory is renamed into place
             self._stream.close()
             self._stream = None
 

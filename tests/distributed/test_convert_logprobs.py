@@ -97,7 +97,7 @@ def test_load_into_a_different_shape_is_refused(case):
     arch.ffn_hidden_size = 128
     with layout() as pc:
         chunks = build_model_chunks(arch, pc, ModelOptions())
-        with pytest.raises(ValueError, match="different model shape: decoder.layers.mlp.linear_fc2.weight is \\[4, 64, 96\\]"):
+        with pytest.raises(ValueError, match=r"different model shape: decoder.layers.mlp.linear_fc2.weight is \["):
             ckpt_layout.load_model(chunks, root / "meg")
 
 

@@ -77,6 +77,8 @@ def test_megatron_layout_by_hand(converted):
             rows += [hf[p + "k_proj.weight"][grp * d:(grp + 1) * d], hf[p + "v_proj.weight"][grp * d:(grp + 1) * d]]
         qkv = reader.read("decoder.layers.self_attention.linear_qkv.weight", (layer, 0, 0), (1, g * (per + 2) * d, 64))
         assert torch.equal(qkv[0], torch.cat(rows))
+        part = reader.read("decoder.layers.self_attention.linear_qkv.weight", (layer, 5, 3), (1, 7, 11))
+        assert torch.equal(part[0], qkv[0, 5:12, 3:14])  # a sub-region (DCP's resharding read) agrees
         fc1 = reader.read("decoder.layers.mlp.linear_fc1.weight", (layer, 0, 0), (1, 2 * 96, 64))[0]
         assert torch.equal(fc1, torch.cat([hf[f"model.layers.{layer}.mlp.gate_proj.weight"],
                                            hf[f"model.layers.{layer}.mlp.up_proj.weight"]]))
