@@ -237,6 +237,21 @@ def sample_batch(model, prompt_ids: list[list[int]], gen_cfg, device) -> list[tu
     return results
 
 
+def fit_prompts(prompt_ids: list[list[int]], model, max_new_tokens: int, path: str) -> list[list[int]]:
+    """Keep prompt + response inside the model's context: over-long prompts keep their end (as in prepare_data)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return prompt_ids
+    keep = limit - max_new_tokens
+    if keep < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {path} "
+                         f"(max_position_embeddings {limit})")
+    n_cut = sum(len(p) > keep for p in prompt_ids)
+    if n_cut:
+        logger.warning("%s: %d prompts longer than %d tokens keep their last %d tokens", path, n_cut, keep, keep)
+    return [p[-keep:] if len(p) > keep else p for p in prompt_ids]
+
+
 @dataclass
 class ModelGenerations:
     """Everything sampled from one model: texts[s][i] is the response to prompt i under seeds[s]."""
@@ -256,7 +271,7 @@ def generate(path: str, name: str, items: list[PromptItem], cfg: EvalConfig) -> 
     fmt = Formatter(tok, TemplateConfig(cfg.template, cfg.raw_template, cfg.system_prompt))
     messages = [fmt.prompt_messages(_as_example(it)) for it in items]
     prompt_texts = [fmt.prompt_text(m, it.where) for m, it in zip(messages, items)]
-    prompt_ids = [x.tolist() for x in fmt.encode_prompts(prompt_texts)]
+    prompt_ids = fit_prompts([x.tolist() for x in fmt.encode_prompts(prompt_texts)], model, cfg.max_new_tokens, path)
     gen_cfg = generation_config(model, tok, cfg)
     n, bs = len(items), cfg.batch_size
     gens = ModelGenerations(name, str(path), prompt_texts, messages, [], [], [], 0.0)

@@ -173,3 +173,14 @@ def test_tiny_model_bad_arguments():
         build_tiny_hf_model(None, "gpt2", texts=["a b c"])
     with pytest.raises(ValueError, match="num_kv_heads"):
         TinyModelConfig(num_heads=4, num_kv_heads=3)
+
+
+def test_demo_defaults_train_args():
+    from megatron_var.demo.defaults import DEMO
+
+    var = DEMO.train_args("var")
+    flags = dict(zip(var[::2], var[1::2]))
+    assert flags["--objective"] == "var" and float(flags["--var-lambda"]) == DEMO.var_lambda
+    assert int(flags["--global-batch-size"]) == DEMO.var_groups_per_iter and flags["--micro-batch-size"] == "1"
+    assert float(flags["--min-lr"]) == pytest.approx(DEMO.var_lr * DEMO.min_lr_ratio)
+    assert "--dpo-beta" in DEMO.train_args("dpo") and "--var-lambda" not in DEMO.train_args("sft")

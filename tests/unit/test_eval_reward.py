@@ -196,3 +196,15 @@ def test_cli_subprocess_end_to_end(setup, tmp_path):
                           REWARD_FN], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --model")
+
+
+def test_overlong_prompts_keep_their_end():
+    from types import SimpleNamespace
+
+    from megatron_var.evaluation import fit_prompts
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=10))
+    long, short = list(range(1, 13)), [1, 2]
+    assert fit_prompts([long, short], model, 4, "m") == [long[-6:], short]
+    with pytest.raises(ValueError, match="--max-new-tokens 10 leaves no room"):
+        fit_prompts([short], model, 10, "m")
