@@ -7,8 +7,9 @@ keys stored as one chunk per layer, ShardedObjects (``_extra_state``, ``common_s
 megatron's ``metadata.json``. One file per item (``single_file_per_rank=False``): torch's writer keeps every
 tensor of a file alive until the file is closed, so one file per item is what bounds the memory.
 
-Reading: a ``LoadPlanner`` that fetches one rectangular region of one key (e.g. layer 7 of linear_qkv) from
-whatever chunking the checkpoint has (converter: one chunk per layer; training: TP shards).
+Reading: a region that is exactly one stored chunk (every region the exporter asks of a converter checkpoint) is
+``torch.load``-ed in place; any other region (e.g. layer 7 of linear_qkv from a TP=2 training checkpoint) goes
+through a ``LoadPlanner`` that assembles it from whatever chunks overlap it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
