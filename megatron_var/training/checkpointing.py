@@ -17,12 +17,15 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# per-bucket optimizer shards: fully parallel save/load; resume keeps the DP size of the saved run
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def iteration_dir(root, iteration: int) -> Path:
@@ -41,10 +44,14 @@ def latest_iteration(root) -> Optional[int]:
 
 
 def _model_sd(model: list) -> dict:
-    """{'model': sd} for one chunk, {'model0': sd0, 'model1': sd1, ...} for virtual-pipeline chunks."""
-    if len(model) == 1:
-        return {"model": model[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model)}
+    """{'model': sd} for one chunk, {'model0': sd0, 'model1': sd1, ...} for virtual-pipeline chunks.
+
+    DDP wrappers are unwrapped so that policy (DDP) and frozen reference (bare) chunks use the same tensor keys.
+    """
+    bare = [getattr(m, "module", m) for m in model]
+    if len(bare) == 1:
+        return {"model": bare[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(bare)}
 
 
 def save_checkpoint(root, iteration: int, model: list, optimizer=None, scheduler=None,
@@ -60,7 +67,7 @@ def save_checkpoint(root, iteration: int, model: list, optimizer=None, scheduler
     sd = _model_sd(model)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd if len(model) > 1 else sd["model"],
-                                                       sharding_type="fully_sharded_model_space")
+                                                       metadata=OPTIM_METADATA)
     if scheduler is not None:
         sd["opt_param_scheduler"] = scheduler.state_dict()
     sd["trainer_state"] = dict(trainer_state or {}, iteration=iteration)
@@ -94,10 +101,11 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
     if not ckpt.is_dir():
         raise ValueError(f"--load {root}: tracker names iteration {it} but {ckpt} is missing")
     sd = _model_sd(model)
-    has_train_state = (ckpt / "common.pt").exists() and _has_key(ckpt, "trainer_state")
+    has_train_state = _has_key(ckpt, "trainer_state")  # converter checkpoints hold model weights only
     if has_train_state and optimizer is not None:
+        _materialise_optimizer_state(optimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(sd if len(model) > 1 else sd["model"], is_loading=True,
-                                                       sharding_type="fully_sharded_model_space")
+                                                       metadata=OPTIM_METADATA)
     if has_train_state:
         sd["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else {}
         sd["trainer_state"] = {}
@@ -108,9 +116,11 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
                          "is it a checkpoint of a different model shape?") from e
     keys = ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
     for m, k in zip(model, keys):
-        m.load_state_dict(loaded[k], strict=False)
+        getattr(m, "module", m).load_state_dict(loaded[k], strict=False)
     if has_train_state and optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # copies into fp32 main params, which are leaves that require grad
+            optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
     if has_train_state and scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     return dict(loaded.get("trainer_state", {})) if has_train_state else {}
@@ -118,3 +128,27 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
 
 def _has_key(ckpt: Path, key: str) -> bool:
     return key in dist_checkpointing.load_common_state_dict(str(ckpt))
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer (no step taken yet) placeholder state to load into.
+
+    Without apex/TE, megatron-core 0.19's ``DistributedOptimizer.state_dict()`` asserts one common 'step' over
+    the (still empty) Adam state before its own ``is_loading`` branch would create that state.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not opt.optimizer.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam 'step' tensor after a load.
+
+    Without apex/TE, megatron-core 0.19 restores one shared 'step' tensor into every parameter's state; torch's Adam
+    increments it in place once per parameter, so bias correction would drift after a resume (seen: the first
+    post-resume loss differed in the 3rd decimal).
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
