@@ -142,13 +142,16 @@ def _materialise_optimizer_state(optimizer) -> None:
 
 
 def _unshare_adam_steps(optimizer) -> None:
-    """Give every parameter its own Adam 'step' tensor after a load.
+    """Restore a per-parameter Adam 'step' tensor from the loaded param group's step after a load.
 
-    Without apex/TE, megatron-core 0.19 restores one shared 'step' tensor into every parameter's state; torch's Adam
-    increments it in place once per parameter, so bias correction would drift after a resume (seen: the first
-    post-resume loss differed in the 3rd decimal).
+    Without apex/TE, megatron-core 0.19 keeps the step of the placeholder state (1) and shares one tensor across
+    parameters, while the checkpoint's step sits in the param groups; torch's Adam would then use the wrong bias
+    correction after a resume (seen: the first post-resume loss differed in the 3rd decimal).
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in opt.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
+        for group in opt.optimizer.param_groups:
+            for p in group["params"]:
+                state = opt.optimizer.state.get(p)
+                if state is not None and torch.is_tensor(state.get("step")):
+                    step = group.get("step", state["step"])
+                    state["step"] = torch.tensor(float(step), dtype=state["step"].dtype)
