@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data and checkpoints")
     g.add_argument("--data-path", required=True, help="directory written by tools/prepare_data.py")
     g.add_argument("--load", help="megatron_var checkpoint (converted from HF or saved by training)")
+    g.add_argument("--finetune", action="store_true",
+                   help="load only the weights of --load and start a fresh run (new optimizer, iteration 0)")
     g.add_argument("--ref-load", help="reference checkpoint (default: the policy's initial --load)")
     g.add_argument("--ref-offload", action="store_true", help="keep reference weights on CPU between uses (GPU)")
     g.add_argument("--model-arch", help="model_arch.json for a randomly initialised model (no --load)")
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
                           train_iters=args.train_iters, epochs=args.epochs, lr_warmup_iters=args.lr_warmup_iters,
                           lr_decay_style=args.lr_decay_style, seed=args.seed, var_lambda=args.var_lambda,
                           logp_reduction=args.var_logp_reduction, cross_pair_method=args.cross_pair_method,
-                          dpo_beta=args.dpo_beta, load=args.load, ref_load=args.ref_load,
+                          dpo_beta=args.dpo_beta, load=args.load, finetune=args.finetune, ref_load=args.ref_load,
                           ref_offload=args.ref_offload, model_arch=args.model_arch, save=args.save,
                           save_interval=args.save_interval, log_interval=args.log_interval,
                           max_nan_skips=args.max_nan_skips)

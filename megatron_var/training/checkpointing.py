@@ -21,26 +21,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megatron_var.checkpoint_layout import TRACKER, iteration_dir, latest_iteration, write_latest
+
 logger = logging.getLogger(__name__)
 
-TRACKER = "latest_checkpointed_iteration.txt"
 # per-bucket optimizer shards: fully parallel save/load; resume keeps the DP size of the saved run
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-def iteration_dir(root, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def latest_iteration(root) -> Optional[int]:
-    """The iteration recorded in the tracker file, or None when ``root`` holds no checkpoint."""
-    tracker = Path(root) / TRACKER
-    if not tracker.exists():
-        return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
-    return int(text)
 
 
 def _model_sd(model: list) -> dict:
@@ -76,9 +62,7 @@ def save_checkpoint(root, iteration: int, model: list, optimizer=None, scheduler
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        tracker_tmp = root / (TRACKER + ".tmp")
-        tracker_tmp.write_text(f"{iteration}\n")
-        os.replace(tracker_tmp, root / TRACKER)
+        write_latest(root, iteration)
     dist.barrier()
     logger.info("saved checkpoint %s", final)
     return final

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_var.checkpoint_layout import copy_hf_files, hf_dir
 from megatron_var.data.groups import GroupDataset
 from megatron_var.models.arch import ModelArch
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
@@ -58,6 +59,8 @@ class TrainConfig:
     cross_pair_method: str = "shared_prefix"
     dpo_beta: float = 0.1
     load: Optional[str] = None
+    finetune: bool = False
+    """Load only the weights of --load and start a fresh run (iteration 0, new optimizer), as Megatron-LM."""
     ref_load: Optional[str] = None
     ref_offload: bool = False
     model_arch: Optional[str] = None
@@ -109,6 +112,9 @@ class Trainer:
         self.model = wrap_ddp(chunks, optim)
         self.optimizer = build_optimizer(self.model, optim)
         self.iters = cfg.train_iters or max(1, math.ceil(cfg.epochs * len(self.data) / cfg.global_batch_size))
+        if cfg.lr_warmup_iters >= self.iters:
+            raise ValueError(f"--lr-warmup-iters {cfg.lr_warmup_iters} must be below the {self.iters} training "
+                             "iterations")
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
             lr_warmup_steps=cfg.lr_warmup_iters, lr_decay_steps=self.iters, lr_decay_style=cfg.lr_decay_style,
@@ -117,7 +123,9 @@ class Trainer:
         self.iteration, self.consumed, self.nan_skips = 0, 0, 0
         state = {}
         if cfg.load:
-            state = ckpt.load_checkpoint(cfg.load, self.model, self.optimizer, self.scheduler)
+            state = ckpt.load_checkpoint(cfg.load, self.model, None if cfg.finetune else self.optimizer,
+                                         None if cfg.finetune else self.scheduler)
+            state = {} if cfg.finetune else state
             self.iteration = int(state.get("iteration", 0))
             self.consumed = int(state.get("consumed_groups", 0))
             self.nan_skips = int(state.get("nan_skips", 0))
@@ -242,6 +250,9 @@ class Trainer:
         if dist.get_rank() == 0:
             Path(self.cfg.save).mkdir(parents=True, exist_ok=True)
             self.arch.save(Path(self.cfg.save) / "model_arch.json")
+            src = hf_dir(self.cfg.load) if self.cfg.load else None
+            if src is not None and src.is_dir() and Path(self.cfg.load).resolve() != Path(self.cfg.save).resolve():
+                copy_hf_files(src, hf_dir(self.cfg.save))  # tokenizer + HF config, so export finds them
         ckpt.save_checkpoint(self.cfg.save, self.iteration, self.model, None if weights_only else self.optimizer,
                              None if weights_only else self.scheduler,
                              {"consumed_groups": self.consumed, "nan_skips": self.nan_skips,

@@ -1,0 +1,121 @@
+"""The embedded CPU demo, end to end, through the same commands a user runs (``python -m megatron_var.demo.run``).
+
+Stages: tiny HF Llama + bundled task -> hf_to_megatron -> prepare_data (+ score_rewards) -> SFT (TP=2, torchrun)
+-> SFT+VAR and SFT+DPO from the SFT model -> megatron_to_hf -> eval_reward on held-out prompts (3 seeds) ->
+table, summary.json and a PNG of held-out reward over VAR training steps. Hyper-parameters: demo/defaults.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megatron_var.demo.defaults import DEMO
+
+REWARD_FN = "megatron_var.demo.task:reward"
+
+
+class Runner:
+    def __init__(self, work: Path, nproc: int):
+        self.work, self.nproc = work, nproc
+        self.env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        self.timings: dict[str, float] = {}
+
+    def sh(self, stage: str, args: list[str], torchrun: bool = False) -> None:
+        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                   str(self.nproc)] if torchrun else []) + args
+        print(f"[demo] {stage}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        log = self.work / "logs" / f"{stage}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as f:
+            r = subprocess.run(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT)
+        self.timings[stage] = round(time.perf_counter() - t0, 1)
+        if r.returncode:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"[demo] stage {stage} failed (exit {r.returncode}), log {log}:\n{tail}")
+
+
+def _train(run: Runner, stage: str, objective: str, load: Path, data: Path, save: Path, iters: int | None = None,
+           save_interval: int | None = None) -> None:
+    args = ["-m", "megatron_var.train", "--load", str(load), "--finetune", "--data-path", str(data),
+            "--save", str(save), "--tensor-model-parallel-size", str(run.nproc), "--log-interval", "25",
+            *DEMO.train_args(objective)]
+    if iters is not None:
+        args[args.index("--train-iters") + 1] = str(iters)
+        warm = args.index("--lr-warmup-iters") + 1
+        args[warm] = str(min(int(args[warm]), iters // 4))
+    if save_interval:
+        args += ["--save-interval", str(save_interval)]
+    run.sh(stage, args, torchrun=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--work-dir", default="runs/demo")
+    p.add_argument("--nproc", type=int, default=2, help="processes = tensor-parallel size")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply training iterations (e2e test: < 1)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(DEMO.eval_seeds))
+    p.add_argument("--curve-points", type=int, default=3, help="VAR checkpoints evaluated for the plot")
+    args = p.parse_args(argv)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    run = Runner(work, args.nproc)
+    it = {k: max(2, int(getattr(DEMO, f"{k}_iters") * args.scale)) for k in ("sft", "var", "dpo")}
+
+    from megatron_var.demo.task import corpus_texts, write_dataset
+    from megatron_var.demo.tiny_model import build_tiny_hf_model
+
+    t0 = time.perf_counter()
+    paths = write_dataset(work / "task", DEMO.n_train_prompts, DEMO.n_test_prompts, DEMO.seed)
+    build_tiny_hf_model(work / "hf_base", family=DEMO.family, texts=corpus_texts(), seed=DEMO.seed, cfg=DEMO.model)
+    run.timings["make_model_and_data"] = round(time.perf_counter() - t0, 1)
+    py = ["checkpoints_convert/hf_to_megatron.py"]
+    run.sh("hf_to_megatron", [*py, "--hf-dir", str(work / "hf_base"), "--out", str(work / "meg_base"),
+                              "--tensor-model-parallel-size", str(args.nproc), "--overwrite"])
+    common = ["--tokenizer", str(work / "hf_base"), "--template", DEMO.template, "--seq-length",
+              str(DEMO.seq_length), "--seed", str(DEMO.seed), "--valid-fraction", str(DEMO.valid_fraction),
+              "--no-progress", "--overwrite"]
+    run.sh("prepare_all", ["tools/prepare_data.py", "--input", str(paths["train"]), "--responses", "all",
+                           "--group-size", str(DEMO.group_size), "--output", str(work / "data_all"), *common])
+    run.sh("score_rewards", ["tools/score_rewards.py", "--data", str(work / "data_all"), "--split", "all",
+                             "--reward-fn", REWARD_FN, "--no-progress"])
+    run.sh("prepare_pairs", ["tools/prepare_data.py", "--input", str(paths["train"]), "--responses", "pairs",
+                             "--group-size", "2", "--output", str(work / "data_pairs"), *common])
+    _train(run, "sft", "sft", work / "meg_base", work / "data_all", work / "meg_sft", it["sft"])
+    interval = max(1, it["var"] // max(1, args.curve_points))
+    _train(run, "var", "var", work / "meg_sft", work / "data_all", work / "meg_var", it["var"], interval)
+    _train(run, "dpo", "dpo", work / "meg_sft", work / "data_pairs", work / "meg_dpo", it["dpo"])
+
+    export = ["checkpoints_convert/megatron_to_hf.py", "--overwrite"]
+    for name in ("sft", "var", "dpo"):
+        run.sh(f"export_{name}", [*export, "--load", str(work / f"meg_{name}"), "--out", str(work / f"hf_{name}")])
+    curve_iters = sorted({k for k in range(interval, it["var"] + 1, interval)} | {it["var"]})
+    for k in curve_iters:
+        if k != it["var"]:
+            run.sh(f"export_var_{k}", [*export, "--load", str(work / "meg_var"), "--iteration", str(k),
+                                       "--out", str(work / f"hf_var_{k}")])
+    ev = ["tools/eval_reward.py", "--prompts", str(paths["test"]), "--reward-fn", REWARD_FN, "--template",
+          DEMO.template, "--max-new-tokens", str(DEMO.eval_max_new_tokens), "--batch-size",
+          str(DEMO.eval_batch_size)]
+    names = ["base", "SFT", "SFT+VAR", "SFT+DPO"]
+    run.sh("eval", [*ev, "--model", *(str(work / d) for d in ("hf_base", "hf_sft", "hf_var", "hf_dpo")),
+                    "--names", *names, "--seeds", *map(str, args.seeds), "--output", str(work / "eval.json")])
+    curve_models = [work / "hf_sft"] + [work / (f"hf_var_{k}" if k != it["var"] else "hf_var") for k in curve_iters]
+    run.sh("eval_curve", [*ev, "--model", *map(str, curve_models), "--names", *map(str, [0] + curve_iters),
+                          "--seeds", str(args.seeds[0]), "--output", str(work / "eval_curve.json")])
+
+    from megatron_var.demo.report import write_report
+
+    summary = write_report(work, names, run.timings, it)
+    print(json.dumps({k: summary[k] for k in ("table", "var_beats_sft", "var_beats_base")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
