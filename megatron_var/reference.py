@@ -12,6 +12,7 @@ import logging
 from typing import Literal, Optional, Sequence
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_var.data.cross_pairs import CrossPairBatch, build_diagonal, build_cross_pairs
 from megatron_var.training.engine import run_schedule
@@ -80,15 +81,22 @@ class FrozenReference:
                           responses: Sequence[Sequence[Sequence[int]]], reduction: str = "sum"
                           ) -> Optional[list[torch.Tensor]]:
         """[B, B] matrices log pi_ref(y_j | x_i), one per group (one micro-batch each); None off the last stage."""
-        batches = [cross_to_batch(build_cross_pairs(p, r, self.pad_id, method=self.method,
-                                                    pad_to_multiple_of=self.pad_to_multiple_of))
-                   for p, r in zip(prompts, responses)]
-        return self._score(batches, reduction)
+        return self._score(self._build(lambda p, r, **kw: build_cross_pairs(p, r, self.pad_id, method=self.method,
+                                                                            **kw), prompts, responses), reduction)
 
     def score_diagonal(self, prompts: Sequence[Sequence[Sequence[int]]],
                        responses: Sequence[Sequence[Sequence[int]]], reduction: str = "sum"
                        ) -> Optional[list[torch.Tensor]]:
         """[B] vectors log pi_ref(y_i | x_i), one per group (DPO's reference); None off the last stage."""
-        batches = [cross_to_batch(build_diagonal(p, r, self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of))
-                   for p, r in zip(prompts, responses)]
-        return self._score(batches, reduction)
+        return self._score(self._build(lambda p, r, **kw: build_diagonal(p, r, self.pad_id, **kw),
+                                       prompts, responses), reduction)
+
+    def _build(self, build, prompts, responses) -> list[dict]:
+        """One micro-batch per group; under PP all of one call share a length (megatron's fixed p2p shapes)."""
+        crosses = [build(p, r, pad_to_multiple_of=self.pad_to_multiple_of) for p, r in zip(prompts, responses)]
+        longest = max(c.tokens.size(1) for c in crosses)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1 and \
+                any(c.tokens.size(1) != longest for c in crosses):
+            crosses = [build(p, r, pad_to_multiple_of=self.pad_to_multiple_of, seq_length=longest)
+                       for p, r in zip(prompts, responses)]
+        return [cross_to_batch(c) for c in crosses]

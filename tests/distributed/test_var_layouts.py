@@ -1,0 +1,121 @@
+"""The VAR step is layout-invariant: the frozen reference's [B, B] cross-pair matrices, the weights, the loss and
+the policy gradients are the same at TP=1/PP=1 as at TP=2, PP=2, TP=2×PP=2 and DP=4; shared-prefix scoring equals
+naive scoring; the matrix diagonal equals the reference's own log π(y_i|x_i); and the gradient of a global batch
+does not depend on how it is split into micro-batches.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_var.data.groups import Group
+from megatron_var.models.full_state import gather_full, load_full
+from megatron_var.models.gpt import ModelOptions, build_model_chunks
+from megatron_var.objectives.var import var_weights
+from megatron_var.reference import FrozenReference
+from megatron_var.training import batches as B
+from megatron_var.training.engine import OptimConfig, run_schedule, sum_reports, wrap_ddp, install_schedule_hooks
+from megatron_var.training.objective_steps import var_reduce
+from megatron_var.training.step import make_forward_step
+
+from helpers import LLAMA, dp_share, global_sum, layout, max_rel_err
+
+G, GROUP, LAM = 4, 4, 0.7
+TOL = 1e-5
+
+
+def _groups(vocab: int, seed: int = 3) -> list[Group]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(G):
+        rand = lambda lo, hi: torch.randint(1, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g)
+        prompts = [rand(2, 7).tolist() for _ in range(GROUP)]
+        responses = [rand(1, 6).tolist() for _ in range(GROUP)]
+        rewards = torch.randn(GROUP, GROUP, generator=g).numpy()
+        out.append(Group(group_id=k, prompt_ids=prompts, response_ids=responses, rewards=rewards))
+    return out
+
+
+def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", replicate: bool = False):
+    arch = LLAMA
+    chunks = build_model_chunks(arch, pc, ModelOptions())
+    load_full(chunks, init)
+    model = wrap_ddp(chunks, OptimConfig(use_distributed_optimizer=False))
+    install_schedule_hooks(model)
+    ref_chunks = build_model_chunks(arch, pc, ModelOptions())
+    load_full(ref_chunks, init)
+    ref = FrozenReference(ref_chunks, arch.vocab_size, pad_id=0, method=method)
+    groups = dp_share(_groups(arch.vocab_size), replicate=replicate)
+    mats = ref.score_cross_pairs([g.prompt_ids for g in groups], [g.response_ids for g in groups])
+    diag = ref.score_diagonal([g.prompt_ids for g in groups], [g.response_ids for g in groups])
+    micro = [groups[i:i + groups_per_micro] for i in range(0, len(groups), groups_per_micro)]
+    batches = B.uniform_microbatches(micro, 0, 1, same_length=pc.pipeline_model_parallel_size > 1)
+    holder = mats is not None
+    if holder:
+        w = var_weights(torch.stack(mats), B.rewards_tensor(groups), LAM)
+        for b, wm in zip(batches, w.split([len(m) for m in micro])):
+            b["weights"] = wm.reshape(-1)
+    reports = run_schedule(make_forward_step(var_reduce(), arch.vocab_size), batches, model, forward_only=False,
+                           seq_length=max(b["tokens"].size(1) for b in batches),
+                           micro_batch_size=batches[0]["tokens"].size(0))
+    s = sum_reports(reports)
+    loss_sum, units = global_sum([s.get("loss_sum", 0.0), s.get("units", 0.0)])
+    # the matrices of all groups, in global group order, on every rank
+    local = [torch.stack(mats), torch.stack(diag), w] if holder and \
+        parallel_state.get_tensor_model_parallel_rank() == 0 else None
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, (parallel_state.get_data_parallel_rank(), local))
+    per_dp = {}
+    for dp_rank, item in everything:
+        if item is not None:
+            per_dp[dp_rank] = item
+    mats_all = torch.cat([per_dp[r][0] for r in sorted(per_dp)]) if not replicate else per_dp[0][0]
+    diag_all = torch.cat([per_dp[r][1] for r in sorted(per_dp)]) if not replicate else per_dp[0][1]
+    w_all = torch.cat([per_dp[r][2] for r in sorted(per_dp)]) if not replicate else per_dp[0][2]
+    return loss_sum / units, mats_all, diag_all, w_all, gather_full(chunks, lambda p: p.main_grad)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with layout(1, 1) as pc:
+        init = gather_full(build_model_chunks(LLAMA, pc, ModelOptions()))
+        res = _var_step(pc, init, groups_per_micro=1, replicate=True)
+    return init, res
+
+
+VAR_LAYOUTS = {"tp2": dict(tp=2), "pp2": dict(pp=2), "tp2pp2": dict(tp=2, pp=2), "dp4": dict()}
+
+
+@pytest.mark.parametrize("name", list(VAR_LAYOUTS))
+def test_var_step_is_layout_invariant(reference, name):
+    init, (ref_loss, ref_mats, _, ref_w, ref_grads) = reference
+    with layout(**VAR_LAYOUTS[name]) as pc:
+        loss, mats, _, w, grads = _var_step(pc, init, groups_per_micro=1)
+    assert torch.allclose(mats, ref_mats, rtol=TOL, atol=0), (mats - ref_mats).abs().max()
+    assert torch.allclose(w, ref_w, rtol=TOL, atol=1e-7)
+    assert abs(loss - ref_loss) <= TOL * abs(ref_loss)
+    err, where = max_rel_err(grads, ref_grads)
+    assert err <= TOL, f"gradient {where}: rel err {err:.2e}"
+
+
+def test_shared_prefix_equals_naive_and_diagonal(reference):
+    init, (_, ref_mats, ref_diag, _, _) = reference
+    with layout(tp=2, pp=2) as pc:
+        _, naive, diag, _, _ = _var_step(pc, init, groups_per_micro=1, method="naive")
+    assert torch.allclose(naive, ref_mats, rtol=TOL, atol=0)
+    # the reference's own log pi(y_i|x_i) is the diagonal of its cross-pair matrix
+    assert torch.allclose(torch.diagonal(ref_mats, dim1=1, dim2=2), ref_diag, rtol=TOL, atol=0)
+    assert torch.allclose(diag, ref_diag, rtol=TOL, atol=0)
+    # negative control: the off-diagonal really differs (a wrong mask would make rows equal)
+    assert (ref_mats - ref_mats.transpose(1, 2)).abs().max() > 1e-2
+
+
+def test_microbatch_split_invariance(reference):
+    """1 group per micro-batch × 4 accumulation steps == 4 groups in one micro-batch."""
+    init, (ref_loss, _, _, _, ref_grads) = reference
+    with layout(pp=2) as pc:  # DP=2: each rank takes 2 groups in one micro-batch
+        loss, _, _, _, grads = _var_step(pc, init, groups_per_micro=2)
+    assert abs(loss - ref_loss) <= TOL * abs(ref_loss)
+    err, where = max_rel_err(grads, ref_grads)
+    assert err <= TOL, f"gradient {where}: rel err {err:.2e}"
