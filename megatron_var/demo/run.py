@@ -15,9 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_var.demo.defaults import DEMO
+import dataclasses
+
+from megatron_var.demo import defaults
 
 REWARD_FN = "megatron_var.demo.task:reward"
+DEMO = defaults.DEMO
 
 
 class Runner:
@@ -60,9 +63,14 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default="runs/demo")
     p.add_argument("--nproc", type=int, default=2, help="processes = tensor-parallel size")
     p.add_argument("--scale", type=float, default=1.0, help="multiply training iterations (e2e test: < 1)")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(DEMO.eval_seeds))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(defaults.DEMO.eval_seeds),
+                   help="sampling seeds of the evaluation")
+    p.add_argument("--seed", type=int, default=defaults.DEMO.seed,
+                   help="model init, data generation and shuffling seed (the demo's default run uses 0)")
     p.add_argument("--curve-points", type=int, default=3, help="VAR checkpoints evaluated for the plot")
     args = p.parse_args(argv)
+    global DEMO
+    DEMO = dataclasses.replace(defaults.DEMO, seed=args.seed)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     run = Runner(work, args.nproc)

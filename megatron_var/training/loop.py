@@ -8,6 +8,7 @@ log, and checkpoint atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from megatron_var.parallel import ParallelConfig
 from megatron_var.reference import FrozenReference
 from megatron_var.training import batches as B
 from megatron_var.training import checkpointing as ckpt
+from megatron_var.training.logging_sinks import MetricSinks
 from megatron_var.training.engine import OptimConfig, build_optimizer, run_schedule, sum_reports, wrap_ddp
 from megatron_var.training.objective_steps import dpo_reduce, var_reduce
 from megatron_var.training.step import make_forward_step, sft_reduce
@@ -68,6 +70,8 @@ class TrainConfig:
     save_interval: Optional[int] = None
     log_interval: int = 1
     max_nan_skips: int = 10
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
 
     def __post_init__(self):
         if self.objective not in ("var", "sft", "dpo"):
@@ -147,6 +151,8 @@ class Trainer:
                                        method=cfg.cross_pair_method, offload=cfg.ref_offload,
                                        pad_to_multiple_of=self._pad_multiple())
         self.metrics_path = Path(cfg.save) / "metrics.jsonl" if cfg.save else None
+        self.sinks = MetricSinks(cfg.tensorboard_dir, cfg.wandb_project, config=dataclasses.asdict(cfg)) \
+            if dist.get_rank() == 0 else None
         self._truncate_metrics()
 
     def _pad_multiple(self) -> int:
@@ -235,6 +241,7 @@ class Trainer:
                 if self.metrics_path:
                     with self.metrics_path.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
+                self.sinks.log(rec)
                 if self.iteration % self.cfg.log_interval == 0:
                     logger.info("iter %d/%d | loss %.5f | lr %.3g | grad norm %s | %.0f tokens/s | %.2f s/it%s",
                                 self.iteration, self.iters, rec["loss"], rec["lr"],
@@ -245,6 +252,8 @@ class Trainer:
                 self.save()
         if self.cfg.save and (not self.cfg.save_interval or self.iteration % self.cfg.save_interval):
             self.save()
+        if self.sinks is not None:
+            self.sinks.close()
 
     def save(self, weights_only: bool = False) -> None:
         if dist.get_rank() == 0:

@@ -135,12 +135,30 @@ def test_outside_slurm_and_missing_example_fail_clearly(tmp_path):
     assert proc.returncode == 2 and "no_such_script.sh not found" in proc.stderr and not nodes
 
 
-def test_default_example_follows_the_env_conventions():
+def test_default_example_follows_the_env_conventions(tmp_path):
+    """Run the sbatch's default example with a stub torchrun: the multi-node env vars reach torchrun."""
     default = re.search(r'EXAMPLE="\$\{EXAMPLE:-([^}]+)\}"', SBATCH.read_text()).group(1)
     script = ROOT / default
-    if not script.exists():
-        pytest.skip(f"{default} (issue 6) is not written yet")
-    text = script.read_text()
-    for var in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE"):
-        assert var in text, f"{default} does not read {var}"
-    assert "torchrun" in text
+    assert script.exists(), default
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "torchrun"
+    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$STUB_OUT"\n')
+    stub.chmod(0o755)
+    for d in ("data", "load", "save"):
+        (tmp_path / d).mkdir()
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_OUT": str(tmp_path / "args.txt"),
+           "NNODES": "4", "NODE_RANK": "3", "MASTER_ADDR": "node0", "MASTER_PORT": "1234", "GPUS_PER_NODE": "8",
+           "DATA_DIR": str(tmp_path / "data"), "LOAD_DIR": str(tmp_path / "load"), "SAVE_DIR": str(tmp_path / "save")}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "args.txt").read_text().split("\n")
+    pairs = {args[k]: args[k + 1] for k in range(len(args) - 1)}
+    assert pairs["--nnodes"] == "4" and pairs["--node_rank"] == "3" and pairs["--nproc_per_node"] == "8"
+    assert pairs["--master_addr"] == "node0" and pairs["--master_port"] == "1234"
+    assert pairs["-m"] == "megatron_var.train" and pairs["--data-path"] == str(tmp_path / "data")
+    assert pairs["--load"] == str(tmp_path / "load") and "--finetune" in args
+    # a missing required variable is a clear error, before torchrun
+    env.pop("DATA_DIR")
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "DATA_DIR" in proc.stderr

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# VAR on Llama-3.2-1B (tied embeddings; paper: B=8, cosine LR 1e-5, 2 epochs).
+# Hardware: 1 node of 8x GPUs (>= 24 GB); layout TP=1 PP=1 DP=8; global batch 16 groups.
+source "$(dirname "$0")/_launch.sh"
+launch --objective var --var-lambda 1.0 --micro-batch-size 1 --epochs 2 --lr-warmup-iters 10 --lr-decay-style cosine --weight-decay 0.0 --clip-grad 1.0 --save-interval 200 --log-interval 10 --lr 1e-5 --min-lr 0 --global-batch-size 16
