@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-activations", action="store_true")
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--eval-interval", type=int, help="validate on the held-out split every N iterations")
+    g.add_argument("--eval-iters", type=int, default=10, help="global batches per validation")
     g.add_argument("--tensorboard-dir", help="also write scalars for TensorBoard here")
     g.add_argument("--wandb-project", help="also log to wandb (offline mode when WANDB_API_KEY is unset)")
     return p
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
                           ref_offload=args.ref_offload, model_arch=args.model_arch, save=args.save,
                           save_interval=args.save_interval, log_interval=args.log_interval,
                           max_nan_skips=args.max_nan_skips, tensorboard_dir=args.tensorboard_dir,
-                          wandb_project=args.wandb_project)
+                          wandb_project=args.wandb_project, eval_interval=args.eval_interval,
+                          eval_iters=args.eval_iters)
         optim = OptimConfig(lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
                             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
                             use_distributed_optimizer=not args.no_use_distributed_optimizer)

@@ -71,6 +71,10 @@ class TrainConfig:
     log_interval: int = 1
     max_nan_skips: int = 10
     tensorboard_dir: Optional[str] = None
+    eval_interval: Optional[int] = None
+    """Evaluate loss and VAR metrics on the held-out split every N iterations (and at the end)."""
+    eval_iters: int = 10
+    """Global batches of the held-out split per evaluation (fewer when the split is smaller)."""
     wandb_project: Optional[str] = None
 
     def __post_init__(self):
@@ -106,6 +110,12 @@ class Trainer:
         self.cfg, self.pc = cfg, pc
         self.arch = _arch(cfg)
         self.data = GroupDataset(cfg.data_path, "train", require_rewards=cfg.objective == "var")
+        self.valid = None
+        if cfg.eval_interval:
+            valid = GroupDataset(cfg.data_path, "valid", require_rewards=cfg.objective == "var")
+            self.valid = valid if len(valid) else None
+            if self.valid is None:
+                logger.warning("--eval-interval given but %s has no valid split; no evaluation", cfg.data_path)
         self.group_size = int(self.data.meta["group_size"])
         self.pad_id = 0
         self.dp = parallel_state.get_data_parallel_world_size()
@@ -163,12 +173,13 @@ class Trainer:
         if self.metrics_path is None or dist.get_rank() != 0:
             return
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.metrics_path.exists():
-            keep = [ln for ln in self.metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["iteration"] <= self.iteration]
-            tmp = self.metrics_path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, self.metrics_path)
+        for path in (self.metrics_path, self.metrics_path.parent / "valid_metrics.jsonl"):
+            if path.exists():
+                keep = [ln for ln in path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln)["iteration"] <= self.iteration]
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(ln + "\n" for ln in keep))
+                os.replace(tmp, path)
 
     # ---- one iteration ------------------------------------------------------------------------------------
     def _reference_pass(self, micro: list[list]) -> tuple[list[dict], dict]:
@@ -196,11 +207,9 @@ class Trainer:
                     b["ref_logps"] = v.reshape(-1)
         return batches, extra
 
-    def train_step(self) -> dict:
+    def _run(self, groups: list, forward_only: bool) -> tuple[dict, float]:
+        """Reference pass + policy schedule over this rank's ``groups``; global stats and wall time."""
         cfg = self.cfg
-        idx = B.step_groups(len(self.data), cfg.seed, self.consumed, cfg.global_batch_size,
-                            parallel_state.get_data_parallel_rank(), self.dp)
-        groups = [self.data[k] for k in idx]
         micro = [groups[i:i + cfg.micro_batch_size] for i in range(0, len(groups), cfg.micro_batch_size)]
         t0 = time.perf_counter()
         batches, extra = self._reference_pass(micro)
@@ -208,10 +217,15 @@ class Trainer:
                      "sft": sft_reduce}[cfg.objective]
         tokens = sum(int((b["tokens"] != self.pad_id).sum()) for b in batches)
         reports = run_schedule(make_forward_step(reduce_fn, self.arch.vocab_size), batches, self.model,
-                               forward_only=False, seq_length=max(b["tokens"].size(1) for b in batches),
+                               forward_only=forward_only, seq_length=max(b["tokens"].size(1) for b in batches),
                                micro_batch_size=batches[0]["tokens"].size(0))
-        summed = sum_reports(reports)
-        stats = _global_stats(summed, extra, tokens)
+        return _global_stats(sum_reports(reports), extra, tokens), t0
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        idx = B.step_groups(len(self.data), cfg.seed, self.consumed, cfg.global_batch_size,
+                            parallel_state.get_data_parallel_rank(), self.dp)
+        stats, t0 = self._run([self.data[k] for k in idx], forward_only=False)
         loss = stats["loss_sum"] / max(stats["units"], 1.0)
         if not math.isfinite(loss):
             self.nan_skips += 1
@@ -234,6 +248,38 @@ class Trainer:
         rec.update({k: v for k, v in stats.items() if k not in ("loss_sum", "units", "tokens")})
         return rec
 
+    @torch.no_grad()
+    def evaluate(self) -> Optional[dict]:
+        """Mean loss and metrics over up to ``eval_iters`` global batches of the held-out split."""
+        if self.valid is None or len(self.valid) < self.cfg.global_batch_size:
+            return None
+        n = min(self.cfg.eval_iters, len(self.valid) // self.cfg.global_batch_size)
+        for m in self.model:
+            m.eval()
+        totals: dict[str, float] = {}
+        for k in range(n):
+            per_rank = self.cfg.global_batch_size // self.dp
+            start = k * self.cfg.global_batch_size + parallel_state.get_data_parallel_rank() * per_rank
+            stats, _ = self._run([self.valid[i] for i in range(start, start + per_rank)], forward_only=True)
+            for key, v in stats.items():
+                totals[key] = totals.get(key, 0.0) + v
+        for m in self.model:
+            m.train()
+        out = {"iteration": self.iteration, "valid/loss": totals["loss_sum"] / max(totals["units"], 1.0)}
+        out.update({f"valid/{k}": v / n for k, v in totals.items() if k.startswith(("var/", "rewards/"))})
+        return out
+
+    def _log_eval(self) -> None:
+        rec = self.evaluate()
+        if rec is None or dist.get_rank() != 0:
+            return
+        logger.info("validation at iter %d | loss %.5f%s", self.iteration, rec["valid/loss"],
+                    "".join(f" | {k} {v:.4g}" for k, v in rec.items() if k.startswith("valid/var/ess")))
+        if self.metrics_path:
+            with (self.metrics_path.parent / "valid_metrics.jsonl").open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+        self.sinks.log(rec)
+
     def train(self) -> None:
         while self.iteration < self.iters:
             rec = self.train_step()
@@ -248,8 +294,12 @@ class Trainer:
                                 f"{rec['grad_norm']:.4f}" if rec["grad_norm"] is not None else "-",
                                 rec["tokens_per_s"], rec["step_time_s"],
                                 "".join(f" | {k} {v:.4g}" for k, v in rec.items() if k.startswith(("var/", "rewards/"))))
+            if self.cfg.eval_interval and self.iteration % self.cfg.eval_interval == 0:
+                self._log_eval()
             if self.cfg.save and self.cfg.save_interval and self.iteration % self.cfg.save_interval == 0:
                 self.save()
+        if self.cfg.eval_interval and self.iteration % self.cfg.eval_interval:
+            self._log_eval()
         if self.cfg.save and (not self.cfg.save_interval or self.iteration % self.cfg.save_interval):
             self.save()
         if self.sinks is not None:
