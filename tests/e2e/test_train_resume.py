@@ -73,3 +73,10 @@ def test_bad_load_path_is_a_clean_error(tiny, tmp_path):
               "--train-iters", "1"], timeout=300)
     assert r.returncode == 2
     assert "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_layout_not_fitting_world_is_a_clean_error(tiny, tmp_path):
+    r = _run(["-m", "megatron_var.train", "--data-path", str(tiny / "data"), "--model-arch",
+              str(tiny / "model_arch.json"), "--tensor-model-parallel-size", "2", "--train-iters", "1"], timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "not divisible by --tensor-model-parallel-size" in r.stderr and "Traceback" not in r.stderr
