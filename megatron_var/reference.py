@@ -15,6 +15,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_var.data.cross_pairs import CrossPairBatch, build_diagonal, build_cross_pairs
+from megatron_var.models.segment_mask import SegmentMask
 from megatron_var.training.engine import run_schedule
 from megatron_var.training.step import make_forward_step
 
@@ -34,9 +35,14 @@ def _matrix_reduce(reduction: str):
 
 
 def cross_to_batch(cross: CrossPairBatch) -> dict:
-    """Model inputs of a CrossPairBatch as a schedule micro-batch dict (the batch object rides along)."""
+    """Model inputs of a CrossPairBatch as a schedule micro-batch dict (the batch object rides along).
+
+    A block-masked batch passes its mask in compact form (``SegmentMask``): the core attention builds a
+    FlexAttention BlockMask or the dense mask from it on the device, once per micro-batch.
+    """
+    mask = SegmentMask(cross.attn_segments) if cross.block_masked else None
     return {"tokens": cross.tokens, "labels": cross.labels, "loss_mask": cross.loss_mask,
-            "position_ids": cross.position_ids, "attention_mask": cross.attention_mask, "cross": cross}
+            "position_ids": cross.position_ids, "attention_mask": mask, "cross": cross}
 
 
 class FrozenReference:

@@ -19,6 +19,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_var.models import specs
 from megatron_var.models.arch import ModelArch
+from megatron_var.models.segment_mask import SegmentMask
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ class ModelOptions:
     """'fp32' | 'bf16' | 'fp16'; bf16 on GPU, fp32 on CPU by default."""
     transformer_impl: str = "auto"
     """'auto' (TE when importable and CUDA present) | 'te' | 'local' (local spec + SDPA core attention)."""
+    flex_attention: bool = False
+    """FlexAttention (BlockMask) for segment-masked batches (shared-prefix cross pairs) on GPU; without CUDA, or
+    with TE, those batches use a dense mask. Causal batches always use SDPA (or TE)."""
     recompute_activations: bool = False
     """Selective -> full-layer recomputation of every layer (saves activation memory, costs a forward)."""
     attention_dropout: float = 0.0
@@ -46,7 +50,20 @@ class ModelOptions:
 
 
 class PositionalGPTModel(GPTModel):
-    """GPTModel whose RoPE follows ``position_ids`` when they are given ([b, s] long)."""
+    """GPTModel whose RoPE follows ``position_ids`` when they are given ([b, s] long).
+
+    ``attention_mask`` may also be a ``SegmentMask`` (compact shared-prefix mask); core attentions that do not
+    read it (Transformer Engine) get the equivalent dense bool mask instead.
+    """
+
+    takes_segment_masks: bool = True
+    """False when the core attention needs a dense mask (set by build_model_chunks)."""
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+        if isinstance(attention_mask, SegmentMask) and not self.takes_segment_masks:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            attention_mask = attention_mask.dense(device)
+        return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
@@ -116,13 +133,14 @@ def build_model_chunks(arch: ModelArch, parallel, options: ModelOptions) -> list
                       parallel.virtual_pipeline_model_parallel_size)
     config = transformer_config(arch, parallel, options)
     backend = specs.choose_backend(options.transformer_impl)
+    flex = backend == "local" and specs.use_flex_attention(options.flex_attention)
     vpp = parallel.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         model = PositionalGPTModel(
             config=config,
-            transformer_layer_spec=specs.layer_spec(backend, config=config, vp_stage=stage),
+            transformer_layer_spec=specs.layer_spec(backend, config=config, vp_stage=stage, flex_attention=flex),
             vocab_size=arch.padded_vocab_size,
             max_sequence_length=max(options.seq_length, arch.max_position_embeddings),
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -135,11 +153,12 @@ def build_model_chunks(arch: ModelArch, parallel, options: ModelOptions) -> list
             rope_scaling_factor=arch.rope_scaling_factor or 8.0,
             vp_stage=stage,
         )
+        model.takes_segment_masks = backend == "local"
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
         n = sum(p.numel() for m in chunks for p in m.parameters())
         logger.info("built %d model chunk(s) (%s), %.2fM parameters on PP rank %d", len(chunks),
-                    backend, n / 1e6, parallel_state.get_pipeline_model_parallel_rank())
+                    f"{backend}+flex" if flex else backend, n / 1e6, parallel_state.get_pipeline_model_parallel_rank())
     return chunks

@@ -3,18 +3,21 @@
 Why: the plain local spec materialises the [b·heads, s, s] score matrix (16k tokens/s and an OOM at micro-batch
 4×2048 on an H100 for a 1B shape) and its torch norm refuses sequence parallelism. A core attention on
 ``torch.nn.functional.scaled_dot_product_attention`` (44.7k tokens/s) and an RMSNorm that marks its weight as
-sequence-parallel fix both while keeping megatron's module structure and checkpoint keys.
+sequence-parallel fix both while keeping megatron's module structure and checkpoint keys. ``FlexCoreAttention``
+adds a FlexAttention BlockMask path for the shared-prefix cross-pair mask (the frozen reference's batches on GPU).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_var.models.segment_mask import SegmentMask
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -40,8 +43,9 @@ class SDPACoreAttention(DotProductAttention):
     """megatron's local core attention with the math replaced by torch SDPA (flash / memory-efficient kernels).
 
     Shapes: query [sq, b, np, hn], key/value [sk, b, ng, hn] -> context [sq, b, np·hn].
-    ``attention_mask``: None = causal (the spec's mask type), or a bool [b|1, 1, sq, sk] with True = masked
-    (megatron's convention; e.g. the shared-prefix cross-pair mask).
+    ``attention_mask``: None = causal (the spec's mask type); a bool [b|1, 1, sq, sk] with True = masked
+    (megatron's convention); or a ``SegmentMask`` (the shared-prefix cross-pair mask in compact form), which this
+    class expands to the dense bool mask once per micro-batch (cached on the mask object).
     """
 
     def forward(
@@ -49,7 +53,7 @@ class SDPACoreAttention(DotProductAttention):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
+        attention_mask,
         attn_mask_type: Optional[AttnMaskType] = None,
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
@@ -59,23 +63,61 @@ class SDPACoreAttention(DotProductAttention):
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
         k = key.permute(1, 2, 0, 3)  # [b, ng, sk, hn]
         v = value.permute(1, 2, 0, 3)
-        rep = q.size(1) // k.size(1)
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
         dropout_p = self.attention_dropout.p if self.training else 0.0
-        if attention_mask is None:
-            attn_mask, is_causal = None, mask_type == AttnMaskType.causal
+        if isinstance(attention_mask, SegmentMask):
+            ctx = self._segment_attention(q, k, v, attention_mask, dropout_p)
         else:
-            attn_mask, is_causal = ~attention_mask, False  # SDPA: True = attend
-        if dropout_p > 0 and not self.config.sequence_parallel:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                ctx = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale
-                )
-        else:
-            ctx = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale
-            )
+            ctx = self._sdpa(q, k, v, attention_mask, mask_type, dropout_p)
         sq, b = query.size(0), query.size(1)
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _segment_attention(self, q, k, v, mask: SegmentMask, dropout_p: float) -> torch.Tensor:
+        return self._sdpa(q, k, v, mask.dense(q.device), None, dropout_p)
+
+    def _sdpa(self, q, k, v, attention_mask: Optional[torch.Tensor], mask_type, dropout_p: float) -> torch.Tensor:
+        """q [b, np, sq, hn], k/v [b, ng, sk, hn] -> [b, np, sq, hn]."""
+        if attention_mask is None:
+            # no mask: SDPA's GQA support avoids materialising the repeated K/V (flash kernel on GPU)
+            kwargs = dict(attn_mask=None, is_causal=mask_type == AttnMaskType.causal, enable_gqa=True)
+        else:
+            rep = q.size(1) // k.size(1)
+            if rep > 1:  # with a mask SDPA's GQA path can fall back to the math kernel on GPU: repeat instead
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
+            kwargs = dict(attn_mask=~attention_mask, is_causal=False)  # SDPA: True = attend
+        if dropout_p > 0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.softmax_scale,
+                                                      **kwargs)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.softmax_scale, **kwargs)
+
+
+_compiled_flex = None
+
+
+def flex_attention_fn(device_type: str) -> Callable:
+    """``flex_attention``: compiled once per process on GPU (the fused kernel); eager elsewhere (tests on CPU,
+    where it materialises the scores but computes the same numbers)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device_type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+class FlexCoreAttention(SDPACoreAttention):
+    """SDPACoreAttention whose segment-masked (shared-prefix cross-pair) batches run through FlexAttention with a
+    BlockMask: fully masked 128×128 tiles are skipped (a [x; y_1..y_B] row is mostly such tiles), no dense mask.
+
+    Causal and dense-bool-mask batches, and attention dropout (FlexAttention has none), keep the SDPA path.
+    """
+
+    def _segment_attention(self, q, k, v, mask: SegmentMask, dropout_p: float) -> torch.Tensor:
+        if dropout_p > 0:
+            return super()._segment_attention(q, k, v, mask, dropout_p)
+        flex = flex_attention_fn(q.device.type)
+        return flex(q, k, v, block_mask=mask.block_mask(q.device), scale=self.softmax_scale,
+                    enable_gqa=q.size(1) != k.size(1))

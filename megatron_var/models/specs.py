@@ -47,22 +47,32 @@ def choose_backend(requested: str = "auto", *, te_available: Optional[bool] = No
     return "te" if (te and cuda) else "local"
 
 
-def layer_spec(backend: str, *, config, vp_stage: Optional[int] = None) -> object:
+def use_flex_attention(requested: bool, *, cuda_available: Optional[bool] = None) -> bool:
+    """``ModelOptions.flex_attention`` resolved: FlexAttention only when asked for and CUDA is present (its fused
+    kernel is compiled for GPUs; on CPU the dense masked SDPA path gives the same numbers faster)."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if requested and not cuda:
+        logger.info("flex attention requested without CUDA: using dense masked SDPA")
+    return bool(requested and cuda)
+
+
+def layer_spec(backend: str, *, config, vp_stage: Optional[int] = None, flex_attention: bool = False) -> object:
     """The decoder spec for ``backend`` ('te' | 'local'); local = megatron's local spec with our SDPA attention
-    and sequence-parallel-capable RMSNorm (per layer and for the final norm)."""
+    (FlexAttention for segment-masked batches when ``flex_attention``) and sequence-parallel-capable RMSNorm
+    (per layer and for the final norm)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     if backend == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
-    from megatron_var.models.layers import RMSNorm, SDPACoreAttention
+    from megatron_var.models.layers import FlexCoreAttention, RMSNorm, SDPACoreAttention
 
     spec = specs.get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
     sub = spec.submodules
     sub.input_layernorm = RMSNorm
     sub.pre_mlp_layernorm = RMSNorm
     attn = sub.self_attention.submodules
-    attn.core_attention = SDPACoreAttention
+    attn.core_attention = FlexCoreAttention if flex_attention else SDPACoreAttention
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
 
@@ -71,4 +81,7 @@ def describe(spec) -> str:
     """Short name of a built spec for logs."""
     if isinstance(spec, ModuleSpec):
         return "transformer_engine"
-    return "local+sdpa"
+    from megatron_var.models.layers import FlexCoreAttention
+
+    core = spec.layer_specs[0].submodules.self_attention.submodules.core_attention
+    return "local+sdpa+flex" if core is FlexCoreAttention else "local+sdpa"

@@ -5,8 +5,9 @@ same code path (a peer shipped a bug where they differed under TP); objectives o
 [b, s] token log-probs, which is a pure function passed in as ``reduce_fn``.
 
 Batch dict (one micro-batch): ``tokens`` [b, s] long, ``labels`` [b, s] long (next token), ``loss_mask`` [b, s]
-float, optional ``position_ids`` [b, s] and ``attention_mask`` [b|1, 1, s, s] bool (True = masked), plus whatever
-the objective's ``reduce_fn`` reads (rewards, reference log-probs, ...).
+float, optional ``position_ids`` [b, s] and ``attention_mask`` ([b|1, 1, s, s] bool, True = masked, or a compact
+``models.segment_mask.SegmentMask``), plus whatever the objective's ``reduce_fn`` reads (rewards, reference
+log-probs, ...).
 """
 
 from __future__ import annotations

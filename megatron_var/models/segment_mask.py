@@ -1,0 +1,78 @@
+"""The shared-prefix cross-pair mask in its compact form, as it travels through megatron's ``attention_mask``.
+
+Why an object instead of the dense [b, 1, s, s] bool mask: the dense mask of one B=8 group at prompt 512 /
+response 256 is 8 × 2568² bytes (53 MB) per micro-batch, moved to the device every step, and a dense mask rules out
+the fast attention kernels. ``attn_segments`` [b, s] (see ``data/cross_pairs.py``) says everything: the core
+attention turns it into a FlexAttention ``BlockMask`` (GPU) or a dense mask (CPU, SDPA) once per micro-batch and
+device, cached on this object, so all layers of a forward pass share one build.
+
+megatron-core hands ``attention_mask`` from ``GPTModel.forward`` through ``TransformerBlock`` /
+``TransformerLayer`` / ``SelfAttention`` to the core attention untouched (checked for 0.19; only the recompute
+paths differ: ``tensor_parallel.checkpoint`` saves its args with ``save_for_backward``, which takes tensors only,
+so a ``SegmentMask`` is for forward passes without activation recomputation — the frozen reference's case).
+
+Rule (same as ``cross_pairs.block_attention_mask``): query q may see key k iff k <= q and (seg[k] == 0 or
+seg[k] == seg[q]) for a non-pad q (seg[q] >= 0); a pad query sees itself only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from megatron_var.data.cross_pairs import block_attention_mask
+
+FLEX_BLOCK_SIZE = 128
+
+
+def segment_mask_mod(segments_bs: torch.Tensor) -> Callable:
+    """FlexAttention ``mask_mod(b, h, q, k) -> bool`` (True = attend) over ``segments_bs`` [b, s] long."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        seg_q = segments_bs[b, q_idx]
+        seg_k = segments_bs[b, kv_idx]
+        visible = (kv_idx <= q_idx) & (seg_q >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+        return visible | ((seg_q < 0) & (q_idx == kv_idx))
+
+    return mask_mod
+
+
+class SegmentMask:
+    """``attn_segments`` [b, s] plus the masks built from it, cached per device (built on first use)."""
+
+    def __init__(self, segments_bs: torch.Tensor):
+        if segments_bs.dim() != 2 or segments_bs.dtype != torch.long:
+            raise ValueError(f"segments must be a [b, s] long tensor, got {segments_bs.dtype} "
+                             f"{tuple(segments_bs.shape)}")
+        self.segments = segments_bs
+        self._dense: dict[str, torch.Tensor] = {}
+        self._block: dict[str, object] = {}
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.segments.shape
+
+    def _on(self, device) -> torch.Tensor:
+        return self.segments.to(device, non_blocking=True)
+
+    def dense(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        """[b, 1, s, s] bool, True = masked (megatron's convention), on ``device``."""
+        device = torch.device(device) if device is not None else self.segments.device
+        key = str(device)
+        if key not in self._dense:
+            self._dense[key] = block_attention_mask(self._on(device))
+        return self._dense[key]
+
+    def block_mask(self, device: Optional[torch.device] = None):
+        """FlexAttention ``BlockMask`` (batch b, heads broadcast) on ``device``."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        device = torch.device(device) if device is not None else self.segments.device
+        key = str(device)
+        if key not in self._block:
+            seg = self._on(device).contiguous()
+            b, s = seg.shape
+            self._block[key] = create_block_mask(segment_mask_mod(seg), b, None, s, s, device=device,
+                                                 BLOCK_SIZE=FLEX_BLOCK_SIZE, _compile=device.type == "cuda")
+        return self._block[key]
