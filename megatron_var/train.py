@@ -29,8 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", help="megatron_var checkpoint (converted from HF or saved by training)")
     g.add_argument("--finetune", action="store_true",
                    help="load only the weights of --load and start a fresh run (new optimizer, iteration 0)")
+    g.add_argument("--ckpt-step", type=int, help="load this iteration of --load instead of the latest")
     g.add_argument("--ref-load", help="reference checkpoint (default: the policy's initial --load)")
     g.add_argument("--ref-offload", action="store_true", help="keep reference weights on CPU between uses (GPU)")
+    g.add_argument("--ref-cache", action="store_true",
+                   help="score every group's reference matrix once before training (forward-only, same layout), "
+                        "train from <save>/ref_cache.pt (reused on resume); VAR and DPO")
     g.add_argument("--model-arch", help="model_arch.json for a randomly initialised model (no --load)")
     g.add_argument("--save")
     g.add_argument("--save-interval", type=int)
@@ -58,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="bf16 parameters (default on GPU; CPU runs use fp32)")
     g.add_argument("--transformer-impl", choices=["auto", "te", "local"], default="auto")
     g.add_argument("--recompute-activations", action="store_true")
+    g.add_argument("--no-flex-attention", dest="flex_attention", action="store_false",
+                   help="score shared-prefix cross pairs with dense masked SDPA instead of FlexAttention block masks "
+                        "(FlexAttention is used only with CUDA and the local spec)")
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--eval-interval", type=int, help="validate on the held-out split every N iterations")
@@ -84,8 +91,9 @@ def main(argv=None) -> int:
                           train_iters=args.train_iters, epochs=args.epochs, lr_warmup_iters=args.lr_warmup_iters,
                           lr_decay_style=args.lr_decay_style, seed=args.seed, var_lambda=args.var_lambda,
                           logp_reduction=args.var_logp_reduction, cross_pair_method=args.cross_pair_method,
-                          dpo_beta=args.dpo_beta, load=args.load, finetune=args.finetune, ref_load=args.ref_load,
-                          ref_offload=args.ref_offload, model_arch=args.model_arch, save=args.save,
+                          dpo_beta=args.dpo_beta, load=args.load, finetune=args.finetune, ckpt_step=args.ckpt_step,
+                          ref_load=args.ref_load, ref_offload=args.ref_offload, ref_cache=args.ref_cache,
+                          model_arch=args.model_arch, save=args.save,
                           save_interval=args.save_interval, log_interval=args.log_interval,
                           max_nan_skips=args.max_nan_skips, tensorboard_dir=args.tensorboard_dir,
                           wandb_project=args.wandb_project, eval_interval=args.eval_interval,
@@ -95,7 +103,8 @@ def main(argv=None) -> int:
                             use_distributed_optimizer=not args.no_use_distributed_optimizer)
         bf16 = args.bf16 or torch.cuda.is_available()
         options = ModelOptions(params_dtype="bf16" if bf16 else "fp32", transformer_impl=args.transformer_impl,
-                               recompute_activations=args.recompute_activations)
+                               recompute_activations=args.recompute_activations,
+                               flex_attention=args.flex_attention)
         parallel.init_distributed()
         parallel.init_model_parallel(pc)
         parallel.seed_everything(args.seed)

@@ -83,7 +83,8 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
         raise ValueError(f"--load {root}: no {TRACKER} (not a megatron_var checkpoint)")
     ckpt = iteration_dir(root, it)
     if not ckpt.is_dir():
-        raise ValueError(f"--load {root}: tracker names iteration {it} but {ckpt} is missing")
+        what = "tracker names" if iteration is None else "asked for"
+        raise ValueError(f"--load {root}: {what} iteration {it} but {ckpt} is missing")
     sd = _model_sd(model)
     has_train_state = _has_key(ckpt, "trainer_state")  # converter checkpoints hold model weights only
     if has_train_state and optimizer is not None:

@@ -29,6 +29,7 @@ from megatron_var.models.arch import ModelArch
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.objectives.var import var_metrics, var_weights
 from megatron_var.parallel import ParallelConfig
+from megatron_var import reference_cache
 from megatron_var.reference import FrozenReference
 from megatron_var.training import batches as B
 from megatron_var.training import checkpointing as ckpt
@@ -62,9 +63,14 @@ class TrainConfig:
     dpo_beta: float = 0.1
     load: Optional[str] = None
     finetune: bool = False
+    ckpt_step: Optional[int] = None
+    """Load this iteration of --load instead of the latest (Megatron-LM's --ckpt-step)."""
     """Load only the weights of --load and start a fresh run (iteration 0, new optimizer), as Megatron-LM."""
     ref_load: Optional[str] = None
     ref_offload: bool = False
+    ref_cache: bool = False
+    """Score every group's reference matrix (VAR) / vectors (DPO) once before training and train from the cache
+    (<save>/ref_cache.pt, reused on resume); see megatron_var/reference_cache.py."""
     model_arch: Optional[str] = None
     save: Optional[str] = None
     save_interval: Optional[int] = None
@@ -88,6 +94,8 @@ class TrainConfig:
             raise ValueError("give exactly one of --train-iters and --epochs")
         if self.var_lambda <= 0:
             raise ValueError(f"--var-lambda must be > 0, got {self.var_lambda}")
+        if self.ref_cache and self.objective == "sft":
+            raise ValueError("--ref-cache needs --objective var or dpo (SFT has no reference)")
         if self.load is None and self.model_arch is None:
             raise ValueError("give --load (a megatron_var checkpoint) or --model-arch (random init)")
 
@@ -138,7 +146,7 @@ class Trainer:
         state = {}
         if cfg.load:
             state = ckpt.load_checkpoint(cfg.load, self.model, None if cfg.finetune else self.optimizer,
-                                         None if cfg.finetune else self.scheduler)
+                                         None if cfg.finetune else self.scheduler, iteration=cfg.ckpt_step)
             state = {} if cfg.finetune else state
             self.iteration = int(state.get("iteration", 0))
             self.consumed = int(state.get("consumed_groups", 0))
@@ -147,19 +155,31 @@ class Trainer:
         # where they came from in its trainer state
         self.ref_source = state.get("ref_source") or (
             {"root": cfg.ref_load, "iteration": None} if cfg.ref_load else
-            {"root": cfg.load, "iteration": ckpt.latest_iteration(cfg.load)} if cfg.load else
+            {"root": cfg.load, "iteration": cfg.ckpt_step if cfg.ckpt_step is not None else
+             ckpt.latest_iteration(cfg.load)} if cfg.load else
             {"root": cfg.save, "iteration": 0})
         if not cfg.load and cfg.save:
             self.save(weights_only=True)  # iteration 0: the random initial weights = the reference source
-        self.ref = None
+        self.ref, self.ref_cache = None, None
         if cfg.objective in ("var", "dpo"):
             if not self.ref_source["root"]:
                 raise ValueError("VAR/DPO need a reference: give --load, --ref-load or --save")
-            ref_chunks = build_model_chunks(self.arch, pc, options)
-            ckpt.load_checkpoint(self.ref_source["root"], ref_chunks, iteration=self.ref_source["iteration"])
-            self.ref = FrozenReference(ref_chunks, self.arch.vocab_size, self.pad_id,
+
+            def make_ref() -> FrozenReference:
+                ref_chunks = build_model_chunks(self.arch, pc, options)
+                ckpt.load_checkpoint(self.ref_source["root"], ref_chunks, iteration=self.ref_source["iteration"])
+                return FrozenReference(ref_chunks, self.arch.vocab_size, self.pad_id,
                                        method=cfg.cross_pair_method, offload=cfg.ref_offload,
                                        pad_to_multiple_of=self._pad_multiple())
+
+            if cfg.ref_cache:
+                kind = "cross" if cfg.objective == "var" else "diagonal"
+                meta = reference_cache.cache_meta(cfg.data_path, "train", len(self.data), cfg.logp_reduction,
+                                                  self.ref_source, kind)
+                self.ref_cache = reference_cache.load_or_build([cfg.save, cfg.load], meta, make_ref, self.data,
+                                                               reduction=cfg.logp_reduction, kind=kind)
+            else:
+                self.ref = make_ref()
         self.metrics_path = Path(cfg.save) / "metrics.jsonl" if cfg.save else None
         self.sinks = MetricSinks(cfg.tensorboard_dir, cfg.wandb_project, config=dataclasses.asdict(cfg)) \
             if dist.get_rank() == 0 else None
@@ -190,7 +210,8 @@ class Trainer:
         batches = B.uniform_microbatches(micro, self.pad_id, self._pad_multiple(),
                                          same_length=self.pc.pipeline_model_parallel_size > 1)
         if cfg.objective == "var":
-            mats = self.ref.score_cross_pairs(prompts, responses, cfg.logp_reduction)
+            mats = self._cached(groups) if self.ref_cache is not None else \
+                self.ref.score_cross_pairs(prompts, responses, cfg.logp_reduction)
             if mats is not None:
                 ref_bb = torch.stack(mats)  # [G, B, B]
                 rewards = B.rewards_tensor(groups)
@@ -200,7 +221,8 @@ class Trainer:
                 for b, wm in zip(batches, per_micro):
                     b["weights"] = wm.reshape(-1)
         elif cfg.objective == "dpo":
-            vecs = self.ref.score_diagonal(prompts, responses, cfg.logp_reduction)
+            vecs = self._cached(groups) if self.ref_cache is not None else \
+                self.ref.score_diagonal(prompts, responses, cfg.logp_reduction)
             if vecs is not None:
                 per_micro = torch.stack(vecs).split([len(mg) for mg in micro])
                 for b, v in zip(batches, per_micro):
@@ -220,6 +242,10 @@ class Trainer:
                                forward_only=forward_only, seq_length=max(b["tokens"].size(1) for b in batches),
                                micro_batch_size=batches[0]["tokens"].size(0))
         return _global_stats(sum_reports(reports), extra, tokens), t0
+
+    def _cached(self, groups: list) -> Optional[list[torch.Tensor]]:
+        """The reference cache's values for ``groups``, where online scoring would return them (last PP stage)."""
+        return [self.ref_cache[g.group_id] for g in groups] if _is_last_stage_holder() else None
 
     def train_step(self) -> dict:
         cfg = self.cfg

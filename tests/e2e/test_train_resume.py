@@ -2,6 +2,7 @@
 checkpoint, resume from the last checkpoint, and the same per-step losses bitwise as an uninterrupted run."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -44,12 +45,19 @@ def _losses(save):
     return [json.loads(ln)["loss"] for ln in (save / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_sigkill_and_resume_is_bitwise(tiny, tmp_path):
-    full = tmp_path / "full"
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """Per-step losses of a 6-iteration VAR run with online reference scoring (the run the others compare with)."""
+    full = tmp_path_factory.mktemp("full")
     r = _run(_train_cmd(tiny, full, "--model-arch", str(tiny / "model_arch.json")), timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     ref = _losses(full)
     assert len(ref) == 6 and all(x == x for x in ref)
+    return full, ref
+
+
+def test_sigkill_and_resume_is_bitwise(tiny, uninterrupted, tmp_path):
+    ref = uninterrupted[1]
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, *_train_cmd(tiny, killed, "--model-arch", str(tiny / "model_arch.json"))],
@@ -80,3 +88,24 @@ def test_layout_not_fitting_world_is_a_clean_error(tiny, tmp_path):
               str(tiny / "model_arch.json"), "--tensor-model-parallel-size", "2", "--train-iters", "1"], timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "not divisible by --tensor-model-parallel-size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ref_cache_trains_like_online_scoring(tiny, uninterrupted, tmp_path):
+    """--ref-cache scores every group's [B, B] matrix before step 1 (other groupings of the same forward-only pass)
+    and gives the same VAR losses as scoring online; a restarted run reuses the cache instead of rebuilding it."""
+    full, ref = uninterrupted
+    cached = tmp_path / "cached"
+    # the online run's random initial weights (its iteration-0 checkpoint) as a fresh run's start and reference
+    r = _run(_train_cmd(tiny, cached, "--load", str(full), "--ckpt-step", "0", "--finetune", "--ref-cache"),
+             timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert (cached / "ref_cache.pt").is_file() and re.search(r"reference cache: \d+ groups written", r.stderr), \
+        r.stderr[-3000:]
+    losses = _losses(cached)
+    assert len(losses) == 6
+    for a, b in zip(losses, ref):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses, ref)
+    r = _run(_train_cmd(tiny, cached, "--load", str(cached), "--ref-cache"), timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "reference cache: reusing" in r.stderr, r.stderr[-3000:]
+    assert _losses(cached) == losses  # nothing left to train, nothing appended
