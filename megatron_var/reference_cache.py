@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 import torch.distributed as dist
 from megatron.core import parallel_state
 
@@ -60,14 +61,14 @@ def build_cache(ref: FrozenReference, dataset: Sequence, *, reduction: str = "su
     mine = range(dp_rank * per_rank, min(len(dataset), (dp_rank + 1) * per_rank))
     score = ref.score_cross_pairs if kind == "cross" else ref.score_diagonal
     local: dict[int, torch.Tensor] = {}
+    bar = tqdm(total=len(mine), desc="reference cache", unit="group", disable=dist.get_rank() != 0)
     for start in range(mine.start, mine.stop, groups_per_call):
         groups = [dataset[k] for k in range(start, min(mine.stop, start + groups_per_call))]
         values = score([g.prompt_ids for g in groups], [g.response_ids for g in groups], reduction)
         if values is not None:
             local.update({int(g.group_id): v.float().cpu() for g, v in zip(groups, values)})
-        if start == mine.start or (start - mine.start) % (50 * groups_per_call) == 0:
-            logger.info("reference cache: scored %d/%d groups on DP rank %d", start + len(groups) - mine.start,
-                        len(mine), dp_rank)
+        bar.update(len(groups))
+    bar.close()
     holder = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
         parallel_state.get_tensor_model_parallel_rank() == 0
     gathered: list = [None] * dist.get_world_size()

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     from megatron_var import parallel
     from megatron_var.models.gpt import ModelOptions
     from megatron_var.training.engine import OptimConfig
-    from megatron_var.training.loop import TrainConfig, Trainer
+    from megatron_var.training.loop import TrainConfig, Trainer, TrainingDiverged
 
     try:
         pc = parallel.ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
@@ -112,6 +112,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

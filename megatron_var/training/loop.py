@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -39,6 +40,16 @@ from megatron_var.training.objective_steps import dpo_reduce, var_reduce
 from megatron_var.training.step import make_forward_step, sft_reduce
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many NaN/inf losses: the run stops (exit 3) without writing a checkpoint."""
+
+
+def _injected_nan_iterations() -> set[int]:
+    """Testing hook (fault injection): ``MEGATRON_VAR_INJECT_NAN_ITERS="3,4"`` makes those iterations' loss NaN."""
+    raw = os.environ.get("MEGATRON_VAR_INJECT_NAN_ITERS", "")
+    return {int(x) for x in raw.split(",") if x.strip()}
 
 
 @dataclass
@@ -235,6 +246,9 @@ class Trainer:
         micro = [groups[i:i + cfg.micro_batch_size] for i in range(0, len(groups), cfg.micro_batch_size)]
         t0 = time.perf_counter()
         batches, extra = self._reference_pass(micro)
+        if not forward_only and self.iteration + 1 in _injected_nan_iterations():
+            for b in batches:  # a real NaN loss and NaN gradients through the whole backward
+                b["loss_mask"] = b["loss_mask"] * float("nan")
         reduce_fn = {"var": var_reduce(cfg.logp_reduction), "dpo": dpo_reduce(cfg.dpo_beta, cfg.logp_reduction),
                      "sft": sft_reduce}[cfg.objective]
         tokens = sum(int((b["tokens"] != self.pad_id).sum()) for b in batches)
@@ -259,7 +273,11 @@ class Trainer:
                 m.zero_grad_buffer()
             self.optimizer.zero_grad()
             if self.nan_skips > cfg.max_nan_skips:
-                raise RuntimeError(f"loss was NaN/inf {self.nan_skips} times (limit --max-nan-skips); stopping")
+                raise TrainingDiverged(f"loss was NaN/inf at {self.nan_skips} iterations (the last at iteration "
+                                       f"{self.iteration + 1}), more than --max-nan-skips {cfg.max_nan_skips}; "
+                                       "stopped without saving (the last checkpoint is untouched)")
+            logger.warning("iteration %d: loss is NaN/inf, update skipped (%d of --max-nan-skips %d)",
+                           self.iteration + 1, self.nan_skips, cfg.max_nan_skips)
             ok, grad_norm = False, float("nan")
         else:
             ok, grad_norm, _ = self.optimizer.step()
@@ -283,7 +301,7 @@ class Trainer:
         for m in self.model:
             m.eval()
         totals: dict[str, float] = {}
-        for k in range(n):
+        for k in tqdm(range(n), desc="validation", unit="batch", disable=dist.get_rank() != 0, leave=False):
             per_rank = self.cfg.global_batch_size // self.dp
             start = k * self.cfg.global_batch_size + parallel_state.get_data_parallel_rank() * per_rank
             stats, _ = self._run([self.valid[i] for i in range(start, start + per_rank)], forward_only=True)

@@ -109,3 +109,34 @@ def test_ref_cache_trains_like_online_scoring(tiny, uninterrupted, tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     assert "reference cache: reusing" in r.stderr, r.stderr[-3000:]
     assert _losses(cached) == losses  # nothing left to train, nothing appended
+
+
+def _single_rank_cmd(tiny, save, *extra):
+    return ["-m", "megatron_var.train", "--objective", "sft", "--data-path", str(tiny / "data"),
+            "--model-arch", str(tiny / "model_arch.json"), "--global-batch-size", "1", "--lr", "1e-3",
+            "--save", str(save), "--save-interval", "1", *extra]
+
+
+def test_nan_loss_skips_the_update_then_stops_at_the_limit(tiny, tmp_path):
+    """A NaN loss (injected into the real backward) skips that update; one NaN too many stops the run with a clear
+    message, exit 3, and the last good checkpoint stays the one --load finds."""
+    env = dict(ENV, MEGATRON_VAR_INJECT_NAN_ITERS="2")
+    run = tmp_path / "skip"
+    r = subprocess.run([sys.executable, *_single_rank_cmd(tiny, run, "--train-iters", "3")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["skipped"] for x in recs] == [False, True, False]
+    assert recs[1]["loss"] != recs[1]["loss"]  # NaN logged as such
+    assert all(x["loss"] == x["loss"] and x["grad_norm"] == x["grad_norm"] for x in (recs[0], recs[2]))
+    assert "iteration 2: loss is NaN/inf, update skipped" in r.stderr
+
+    stop = tmp_path / "stop"
+    env = dict(ENV, MEGATRON_VAR_INJECT_NAN_ITERS="2,3")
+    r = subprocess.run([sys.executable, *_single_rank_cmd(tiny, stop, "--train-iters", "4", "--max-nan-skips", "1")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "more than --max-nan-skips 1" in r.stderr and "Traceback" not in r.stderr
+    # iterations 1 and 2 were saved (2 = skipped update, finite weights); the stopping iteration 3 was not
+    assert (stop / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert not list(stop.glob("*.tmp"))
