@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -94,6 +95,9 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
     if has_train_state:
         sd["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else {}
         sd["trainer_state"] = {}
+    t0 = time.perf_counter()
+    logger.info("loading checkpoint %s (%s)", ckpt, "model + optimizer" if optimizer is not None and has_train_state
+                else "model weights")
     try:
         loaded = dist_checkpointing.load(sd, str(ckpt))
     except Exception as e:  # megatron raises several types for shape/key mismatches
@@ -108,6 +112,7 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
         _unshare_adam_steps(optimizer)
     if has_train_state and scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    logger.info("loaded checkpoint %s in %.1f s", ckpt, time.perf_counter() - t0)
     return dict(loaded.get("trainer_state", {})) if has_train_state else {}
 
 
