@@ -8,6 +8,7 @@ for parallel sizes that do not fit the world.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import random
@@ -135,6 +136,7 @@ def destroy_model_parallel() -> None:
     parallel_state._POSITION_EMBEDDING_GLOBAL_RANKS = None
     # megatron forgets its groups without destroying them; each gloo group keeps its sockets and threads (a test
     # process that built 30 layouts held ~1900 threads and ran 20x slower), so destroy the ones init created.
+    gc.collect()  # models of this layout that are no longer referenced release their groups now
     if dist.is_initialized():
         dist.barrier()
         for pg in _live_groups() - _GROUPS_BEFORE_INIT:

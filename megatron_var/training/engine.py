@@ -11,6 +11,7 @@ accumulation steps or DP ranks; "unit" is a token for SFT and a sample for VAR/D
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -90,7 +91,11 @@ def install_schedule_hooks(model: list[torch.nn.Module], optimizer=None) -> None
         no_sync = [m.no_sync for m in model]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     if optimizer is not None:
-        config.grad_scale_func = optimizer.scale_loss
+        # weakly: megatron's optimizer holds views of the model's params whose autograd graph ends in the nodes that
+        # carry DDP's gradient hooks, so a strong config -> optimizer link closes a cycle through C++ objects that gc
+        # cannot collect (the model, its process groups and their threads would outlive the run)
+        opt_ref = weakref.ref(optimizer)
+        config.grad_scale_func = lambda loss: opt_ref().scale_loss(loss)
 
 
 def run_schedule(forward_step: Callable, microbatches: list, model: list[torch.nn.Module], *,
