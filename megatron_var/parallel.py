@@ -144,6 +144,15 @@ def destroy_model_parallel() -> None:
     _GROUPS_BEFORE_INIT.clear()
 
 
+def holds_results() -> bool:
+    """Whether this rank holds one copy of per-sample results: last pipeline stage, tensor-parallel rank 0 (one
+    such rank per data-parallel replica; gathering from these alone collects every result exactly once)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+        parallel_state.get_tensor_model_parallel_rank() == 0
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy, torch and megatron's TP RNG tracker (distinct TP streams, same DP streams)."""
     from megatron.core import tensor_parallel

@@ -26,6 +26,7 @@ from tqdm import tqdm
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_var.parallel import holds_results
 from megatron_var.reference import FrozenReference
 
 logger = logging.getLogger(__name__)
@@ -69,10 +70,8 @@ def build_cache(ref: FrozenReference, dataset: Sequence, *, reduction: str = "su
             local.update({int(g.group_id): v.float().cpu() for g, v in zip(groups, values)})
         bar.update(len(groups))
     bar.close()
-    holder = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
-        parallel_state.get_tensor_model_parallel_rank() == 0
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local if holder else {})
+    dist.all_gather_object(gathered, local if holds_results() else {})
     cache: dict[int, torch.Tensor] = {}
     for part in gathered:
         cache.update(part)

@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 
 from megatron_var.data.cross_pairs import build_diagonal
 from megatron_var.models.arch import ModelArch
+from megatron_var.parallel import holds_results
 from megatron_var.training.engine import run_schedule
 from megatron_var.training.step import make_forward_step
 
@@ -58,11 +59,6 @@ def _microbatches(pairs: Sequence[Pair], groups: list[list[int]], pad_id: int, p
     return out, seq
 
 
-def _is_result_holder() -> bool:
-    return parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
-        parallel_state.get_tensor_model_parallel_rank() == 0
-
-
 def score_pairs(chunks: list, arch: ModelArch, pairs: Sequence[Pair], micro_batch_size: int = 1,
                 pad_id: int = 0) -> list[list[float]]:
     """log p(y_t | x, y_<t) for every response token of every pair, returned on every rank in input order.
@@ -91,7 +87,7 @@ def score_pairs(chunks: list, arch: ModelArch, pairs: Sequence[Pair], micro_batc
         with torch.no_grad():
             reports = run_schedule(forward_step, micro, chunks, forward_only=True, seq_length=seq,
                                    micro_batch_size=micro_batch_size)
-        if _is_result_holder():
+        if holds_results():
             for group, report in zip(call, reports):
                 for row, i in enumerate(group):
                     mask = report["loss_mask"][row] > 0
@@ -99,7 +95,7 @@ def score_pairs(chunks: list, arch: ModelArch, pairs: Sequence[Pair], micro_batc
     for m, mode in zip(chunks, was_training):
         m.train(mode)
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results if _is_result_holder() else {})
+    dist.all_gather_object(gathered, results if holds_results() else {})
     merged: dict[int, list[float]] = {}
     for part in gathered:
         merged.update(part)

@@ -19,18 +19,18 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from tqdm import tqdm
 
 from megatron_var.checkpoint_layout import copy_hf_files, hf_dir
 from megatron_var.data.groups import GroupDataset
 from megatron_var.models.arch import ModelArch
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.objectives.var import var_metrics, var_weights
-from megatron_var.parallel import ParallelConfig
 from megatron_var import reference_cache
+from megatron_var.parallel import ParallelConfig
 from megatron_var.reference import FrozenReference
 from megatron_var.training import batches as B
 from megatron_var.training import checkpointing as ckpt
@@ -74,9 +74,9 @@ class TrainConfig:
     dpo_beta: float = 0.1
     load: Optional[str] = None
     finetune: bool = False
+    """Load only the weights of --load and start a fresh run (iteration 0, new optimizer), as Megatron-LM."""
     ckpt_step: Optional[int] = None
     """Load this iteration of --load instead of the latest (Megatron-LM's --ckpt-step)."""
-    """Load only the weights of --load and start a fresh run (iteration 0, new optimizer), as Megatron-LM."""
     ref_load: Optional[str] = None
     ref_offload: bool = False
     ref_cache: bool = False
@@ -127,6 +127,7 @@ def _is_last_stage_holder() -> bool:
 class Trainer:
     def __init__(self, cfg: TrainConfig, pc: ParallelConfig, optim: OptimConfig, options: ModelOptions):
         self.cfg, self.pc = cfg, pc
+        self._nan_iters = _injected_nan_iterations()
         self.arch = _arch(cfg)
         self.data = GroupDataset(cfg.data_path, "train", require_rewards=cfg.objective == "var")
         self.valid = None
@@ -246,7 +247,7 @@ class Trainer:
         micro = [groups[i:i + cfg.micro_batch_size] for i in range(0, len(groups), cfg.micro_batch_size)]
         t0 = time.perf_counter()
         batches, extra = self._reference_pass(micro)
-        if not forward_only and self.iteration + 1 in _injected_nan_iterations():
+        if not forward_only and self.iteration + 1 in self._nan_iters:
             for b in batches:  # a real NaN loss and NaN gradients through the whole backward
                 b["loss_mask"] = b["loss_mask"] * float("nan")
         reduce_fn = {"var": var_reduce(cfg.logp_reduction), "dpo": dpo_reduce(cfg.dpo_beta, cfg.logp_reduction),
