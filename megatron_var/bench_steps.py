@@ -204,9 +204,10 @@ def var_vs_sft(arch: ModelArch, pc, options: ModelOptions, refs: dict[str, Froze
     rewards = B.rewards_tensor([group])  # [1, B, B]
     parts: dict[str, list[float]] = {}
 
-    def policy_step(batch: dict, reduce_fn, key: str) -> None:
+    def policy_step(batch: dict, reduce_fn, key: str, select_positions: bool = True) -> None:
         t0 = time.perf_counter()
-        run_schedule(make_forward_step(reduce_fn, arch.vocab_size), [batch], model, forward_only=False,
+        step = make_forward_step(reduce_fn, arch.vocab_size, select_positions=select_positions)
+        run_schedule(step, [batch], model, forward_only=False,
                      seq_length=batch["tokens"].size(1), micro_batch_size=batch["tokens"].size(0))
         sync()
         t1 = time.perf_counter()
@@ -215,8 +216,8 @@ def var_vs_sft(arch: ModelArch, pc, options: ModelOptions, refs: dict[str, Froze
         parts.setdefault(key + "/fwd_bwd", []).append(t1 - t0)
         parts.setdefault(key + "/optimizer", []).append(time.perf_counter() - t1)
 
-    def sft_step():
-        policy_step(B.policy_microbatch([group], PAD_ID), sft_reduce, "sft")
+    def sft_step(select_positions: bool = True, key: str = "sft"):
+        policy_step(B.policy_microbatch([group], PAD_ID), sft_reduce, key, select_positions)
 
     def var_step(score: Callable[[], torch.Tensor], key: str):
         t0 = time.perf_counter()
@@ -234,15 +235,20 @@ def var_vs_sft(arch: ModelArch, pc, options: ModelOptions, refs: dict[str, Froze
     scorers["naive"] = lambda: refs["naive"].score_cross_pairs([group.prompt_ids], [group.response_ids])[0]
     scorers["cached"] = lambda: cached  # --ref-cache: the matrix was scored before training
     out = {"sft": guarded(lambda: {"step_s": median_time(sft_step, warmup, iters)}, "var_vs_sft/sft")}
+    # the same SFT step with logits at every position (before models.selected_logits): what the selection saves
+    out["sft_full_logits"] = guarded(lambda: {"step_s": median_time(lambda: sft_step(False, "sft_full_logits"),
+                                                                    warmup, iters)}, "var_vs_sft/sft_full_logits")
     for name, score in scorers.items():
         out["var_" + name] = guarded(lambda: {"step_s": median_time(lambda: var_step(score, name), warmup, iters)},
                                      f"var_vs_sft/var_{name}")
     for key, vals in parts.items():  # per-part medians (warm-up included in the lists: drop it)
         run, part = key.split("/")
-        entry = out.get("sft" if run == "sft" else "var_" + run, {})
+        entry = out.get(run if run.startswith("sft") else "var_" + run, {})
         if "error" not in entry:
             entry[part + "_s"] = statistics.median(vals[warmup:] or vals)
     sft = out["sft"].get("step_s")
+    if sft and "step_s" in out["sft_full_logits"]:
+        out["sft_full_logits"]["ratio_to_sft"] = out["sft_full_logits"]["step_s"] / sft
     for name in scorers:
         entry = out["var_" + name]
         if sft and "step_s" in entry:

@@ -29,7 +29,7 @@ def test_tiny_preset_reports_every_part(tmp_path):
         assert sc[name]["s"] > 0 and sc[name]["max_rel_diff_vs_shared_prefix_dense"] < 1e-5
     assert sc["shared_prefix_dense"]["speedup_vs_naive"] > 0
     st = out["var_vs_sft"]
-    assert st["sft"]["step_s"] > 0
+    assert st["sft"]["step_s"] > 0 and st["sft_full_logits"]["step_s"] > 0
     for name in ("shared_prefix_dense", "naive", "naive_per_prompt", "cached"):
         entry = st["var_" + name]
         assert entry["ratio_to_sft"] > 0 and entry["reference_s"] >= 0, entry
