@@ -170,15 +170,16 @@ def score_naive_per_prompt(ref: FrozenReference, group: Group) -> torch.Tensor:
 
 def reference_scoring(refs: dict[str, FrozenReference], group: Group, warmup: int, iters: int) -> dict:
     """Time one group's [B, B] matrix per method; matrices compared with the shared-prefix dense one."""
+    # order: what the targets need first (a run cut short keeps those), the one-micro-batch naive last (may OOM)
     runs = {
         "shared_prefix_dense": lambda: refs["shared_prefix_dense"].score_cross_pairs(
             [group.prompt_ids], [group.response_ids])[0],
         "naive_per_prompt": lambda: score_naive_per_prompt(refs["naive"], group),
-        "naive": lambda: refs["naive"].score_cross_pairs([group.prompt_ids], [group.response_ids])[0],
     }
     if "shared_prefix_flex" in refs:
         runs["shared_prefix_flex"] = lambda: refs["shared_prefix_flex"].score_cross_pairs(
             [group.prompt_ids], [group.response_ids])[0]
+    runs["naive"] = lambda: refs["naive"].score_cross_pairs([group.prompt_ids], [group.response_ids])[0]
     out, mats = {}, {}
 
     def measure(name):
@@ -186,7 +187,7 @@ def reference_scoring(refs: dict[str, FrozenReference], group: Group, warmup: in
         t = median_time(runs[name], warmup, iters)
         return {"s": t, "peak_mem_gib": peak_mem_gib()}
 
-    for name in runs:  # naive (one micro-batch of B² rows, the trainer's --cross-pair-method naive) may OOM: last
+    for name in runs:
         out[name] = guarded(lambda: measure(name), f"reference_scoring/{name}")
     base = mats.get("shared_prefix_dense")
     for name, m in mats.items():
@@ -230,17 +231,18 @@ def var_vs_sft(arch: ModelArch, pc, options: ModelOptions, refs: dict[str, Froze
 
     cached = refs["shared_prefix_dense"].score_cross_pairs([group.prompt_ids], [group.response_ids])[0]
     scorers = {name: (lambda r=r: r.score_cross_pairs([group.prompt_ids], [group.response_ids])[0])
-               for name, r in refs.items() if name != "naive"}
+               for name, r in sorted(refs.items(), key=lambda kv: kv[0] != "shared_prefix_flex") if name != "naive"}
+    scorers["cached"] = lambda: cached  # --ref-cache: the matrix was scored before training
     scorers["naive_per_prompt"] = lambda: score_naive_per_prompt(refs["naive"], group)
     scorers["naive"] = lambda: refs["naive"].score_cross_pairs([group.prompt_ids], [group.response_ids])[0]
-    scorers["cached"] = lambda: cached  # --ref-cache: the matrix was scored before training
     out = {"sft": guarded(lambda: {"step_s": median_time(sft_step, warmup, iters)}, "var_vs_sft/sft")}
-    # the same SFT step with logits at every position (before models.selected_logits): what the selection saves
-    out["sft_full_logits"] = guarded(lambda: {"step_s": median_time(lambda: sft_step(False, "sft_full_logits"),
-                                                                    warmup, iters)}, "var_vs_sft/sft_full_logits")
-    for name, score in scorers.items():
+    for name, score in scorers.items():  # the targets' method (flex on GPU) first, naive last
         out["var_" + name] = guarded(lambda: {"step_s": median_time(lambda: var_step(score, name), warmup, iters)},
                                      f"var_vs_sft/var_{name}")
+        if name == "cached":  # SFT with logits at every position (before models.selected_logits): the saving
+            out["sft_full_logits"] = guarded(
+                lambda: {"step_s": median_time(lambda: sft_step(False, "sft_full_logits"), warmup, iters)},
+                "var_vs_sft/sft_full_logits")
     for key, vals in parts.items():  # per-part medians (warm-up included in the lists: drop it)
         run, part = key.split("/")
         entry = out.get(run if run.startswith("sft") else "var_" + run, {})
