@@ -66,13 +66,28 @@ class SegmentMask:
 
     def block_mask(self, device: Optional[torch.device] = None):
         """FlexAttention ``BlockMask`` (batch b, heads broadcast) on ``device``."""
-        from torch.nn.attention.flex_attention import create_block_mask
-
         device = torch.device(device) if device is not None else self.segments.device
         key = str(device)
         if key not in self._block:
             seg = self._on(device).contiguous()
             b, s = seg.shape
-            self._block[key] = create_block_mask(segment_mask_mod(seg), b, None, s, s, device=device,
-                                                 BLOCK_SIZE=FLEX_BLOCK_SIZE, _compile=device.type == "cuda")
+            self._block[key] = _block_mask_builder(device.type)(segment_mask_mod(seg), b, None, s, s,
+                                                                device=device, BLOCK_SIZE=FLEX_BLOCK_SIZE)
         return self._block[key]
+
+
+_compiled_create_block_mask = None
+
+
+def _block_mask_builder(device_type: str) -> Callable:
+    """``create_block_mask``, compiled once per process on GPU (eager it materialises the whole [b, s, s] mask
+    through vmap; torch deprecates its ``_compile`` flag for this); eager on CPU, where FlexAttention itself runs eagerly
+    (torch 2.14's compiled CPU flex kernel gave wrong rows at head_dim 16, see docs/performance.md)."""
+    global _compiled_create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if device_type != "cuda":
+        return create_block_mask
+    if _compiled_create_block_mask is None:
+        _compiled_create_block_mask = torch.compile(create_block_mask)
+    return _compiled_create_block_mask
