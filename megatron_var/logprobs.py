@@ -36,9 +36,8 @@ def token_logprobs(logits_bsv: torch.Tensor, labels_bs: torch.Tensor, vocab_size
     """
     if tp_group is None:
         tp_group = parallel_state.get_tensor_model_parallel_group()
-    logits = mask_padded_vocab(logits_bsv, vocab_size, tp_group)
-    # megatron's kernel wants [s, b, V/tp]; it returns -log p
-    nll_sb = tensor_parallel.vocab_parallel_cross_entropy(
-        logits.transpose(0, 1).contiguous(), labels_bs.t().contiguous(), tp_group=tp_group
-    )
-    return -nll_sb.t()
+    logits = mask_padded_vocab(logits_bsv, vocab_size, tp_group).contiguous()
+    # megatron's kernel takes any leading dims (it views [*, V/tp]), so no [s, b] transpose copy of the logits; it
+    # subtracts the max and exponentiates in place, on a tensor nothing else reads afterwards. Returns -log p.
+    nll_bs = tensor_parallel.vocab_parallel_cross_entropy(logits, labels_bs.contiguous(), tp_group=tp_group)
+    return -nll_bs
