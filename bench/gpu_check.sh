@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 9's GPU checks in one device call (a lent H100/H200; python3 with torch/transformers, megatron-core carried):
 #   1. tools/bench.py --preset llama3.2-1b (policy step vs transformers, cross-pair scoring, VAR vs SFT step),
-#   2. a short VAR training run on CUDA (NCCL, bf16, FlexAttention shared-prefix reference, --ref-cache off/on).
+#   2. tests/unit/test_core_attention_gpu.py: the compiled FlexAttention path vs float64 attention on the GPU,
+#   3. a short VAR training run on CUDA (NCCL, bf16, FlexAttention shared-prefix reference, --ref-cache off/on).
 # About 4-6 minutes on an H100/H200 (the first FlexAttention call compiles its kernel).
 # Usage: bash bench/gpu_check.sh OUT_DIR      (results: OUT_DIR/llama3.2-1b_<device>.json, *.log, metrics)
 set -uo pipefail
@@ -13,6 +14,10 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/nvidia_smi.csv" 2>&1
 timeout "${BENCH_TIMEOUT:-300}" $PY tools/bench.py --preset llama3.2-1b --out-dir "$OUT" 2>&1 \
   | grep -v "main_grad.dtype" | tee "$OUT/bench.log" | grep "bench:\|Error\|error" | cut -c1-400
+# the compiled FlexAttention / create_block_mask kernels vs float64 attention at several shapes (CPU tests run eager)
+timeout "${GPU_TEST_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider tests/unit/test_core_attention_gpu.py \
+  >"$OUT/gpu_tests.log" 2>&1
+echo "[gpu tests] rc=$? $(tail -n 1 "$OUT/gpu_tests.log")"
 S=/tmp/var_gpu_smoke
 rm -rf "$S"; mkdir -p "$S"
 {
