@@ -13,7 +13,8 @@ from megatron.core import parallel_state, tensor_parallel
 
 
 def mask_padded_vocab(logits_bsv: torch.Tensor, vocab_size: int, tp_group=None) -> torch.Tensor:
-    """float32 copy of vocab-parallel logits [b, s, V/tp] with columns >= ``vocab_size`` set to -inf."""
+    """Vocab-parallel logits [b, s, V/tp] in float32 with columns >= ``vocab_size`` set to -inf (a new tensor when
+    anything changes; the input itself when it is float32 with no padded columns on this rank)."""
     if tp_group is None:
         tp_group = parallel_state.get_tensor_model_parallel_group()
     part = logits_bsv.size(-1)
