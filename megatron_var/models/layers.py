@@ -9,7 +9,7 @@ adds a FlexAttention BlockMask path for the shared-prefix cross-pair mask (the f
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from megatron_var.models.segment_mask import SegmentMask
+from megatron_var.models.segment_mask import SegmentMask, flex_op
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -92,22 +92,6 @@ class SDPACoreAttention(DotProductAttention):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.softmax_scale, **kwargs)
 
 
-_compiled_flex = None
-
-
-def flex_attention_fn(device_type: str) -> Callable:
-    """``flex_attention``: compiled once per process on GPU (the fused kernel); eager elsewhere (tests on CPU,
-    where it materialises the scores but computes the same numbers)."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if device_type != "cuda":
-        return flex_attention
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex
-
-
 class FlexCoreAttention(SDPACoreAttention):
     """SDPACoreAttention whose segment-masked (shared-prefix cross-pair) batches run through FlexAttention with a
     BlockMask: fully masked 128×128 tiles are skipped (a [x; y_1..y_B] row is mostly such tiles), no dense mask.
@@ -118,6 +102,8 @@ class FlexCoreAttention(SDPACoreAttention):
     def _segment_attention(self, q, k, v, mask: SegmentMask, dropout_p: float) -> torch.Tensor:
         if dropout_p > 0:
             return super()._segment_attention(q, k, v, mask, dropout_p)
-        flex = flex_attention_fn(q.device.type)
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = flex_op(flex_attention, q.device.type)
         return flex(q, k, v, block_mask=mask.block_mask(q.device), scale=self.softmax_scale,
                     enable_gqa=q.size(1) != k.size(1))

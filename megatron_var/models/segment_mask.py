@@ -17,6 +17,7 @@ seg[k] == seg[q]) for a non-pad q (seg[q] >= 0); a pad query sees itself only.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -66,28 +67,29 @@ class SegmentMask:
 
     def block_mask(self, device: Optional[torch.device] = None):
         """FlexAttention ``BlockMask`` (batch b, heads broadcast) on ``device``."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
         device = torch.device(device) if device is not None else self.segments.device
         key = str(device)
         if key not in self._block:
             seg = self._on(device).contiguous()
             b, s = seg.shape
-            self._block[key] = _block_mask_builder(device.type)(segment_mask_mod(seg), b, None, s, s,
-                                                                device=device, BLOCK_SIZE=FLEX_BLOCK_SIZE)
+            self._block[key] = flex_op(create_block_mask, device.type)(segment_mask_mod(seg), b, None, s, s,
+                                                                       device=device, BLOCK_SIZE=FLEX_BLOCK_SIZE)
         return self._block[key]
 
 
-_compiled_create_block_mask = None
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn)
 
 
-def _block_mask_builder(device_type: str) -> Callable:
-    """``create_block_mask``, compiled once per process on GPU (eager it materialises the whole [b, s, s] mask
-    through vmap; torch deprecates its ``_compile`` flag for this); eager on CPU, where FlexAttention itself runs eagerly
-    (torch 2.14's compiled CPU flex kernel gave wrong rows at head_dim 16, see docs/performance.md)."""
-    global _compiled_create_block_mask
-    from torch.nn.attention.flex_attention import create_block_mask
+def flex_op(fn: Callable, device_type: str) -> Callable:
+    """A FlexAttention op (``flex_attention``, ``create_block_mask``) compiled once per process on GPU, eager elsewhere.
 
-    if device_type != "cuda":
-        return create_block_mask
-    if _compiled_create_block_mask is None:
-        _compiled_create_block_mask = torch.compile(create_block_mask)
-    return _compiled_create_block_mask
+    On GPU the compiled ``flex_attention`` is the fused kernel and the compiled ``create_block_mask`` avoids
+    materialising the whole [b, s, s] mask (torch deprecates its ``_compile`` flag for this). On CPU both run
+    eagerly: the same numbers, and torch 2.14's compiled CPU flex kernel gave wrong rows at head_dim 16
+    (docs/performance.md).
+    """
+    return _compiled(fn) if device_type == "cuda" else fn
