@@ -1,13 +1,9 @@
 """The local spec's core attentions — causal SDPA, dense-masked SDPA, and FlexAttention with a BlockMask built from
 ``attn_segments`` — against attention written out by hand in float64 (softmax(QK^T/sqrt(d) + mask) V), with GQA."""
 
-import math
-from types import SimpleNamespace
-
 import pytest
 import torch
-from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.enums import AttnMaskType
+from attention_fixtures import make_core, reference_attention
 
 from megatron_var.data.cross_pairs import block_attention_mask, build_shared_prefix
 from megatron_var.models.layers import FlexCoreAttention, SDPACoreAttention
@@ -19,23 +15,7 @@ TOL = 2e-5
 
 
 def _core(cls):
-    config = TransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
-                               num_query_groups=GROUPS, kv_channels=HEAD_DIM, use_cpu_initialization=True)
-    one_rank = SimpleNamespace(tp=SimpleNamespace(size=lambda: 1))
-    return cls(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
-               pg_collection=one_rank).eval()
-
-
-def _reference(q, k, v, masked_bss):
-    """float64 by hand. q [s, b, np, hn], k/v [s, b, ng, hn], masked [b, s, s] (True = masked) -> [s, b, np*hn]."""
-    q, k, v = (t.double().permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h, s, d]
-    rep = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # query head h reads KV group h // rep
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
-    scores = scores.masked_fill(masked_bss[:, None], float("-inf"))
-    ctx = torch.softmax(scores, dim=-1) @ v  # [b, h, s, d]
-    s, b = ctx.size(2), ctx.size(0)
-    return ctx.permute(2, 0, 1, 3).reshape(s, b, -1)
+    return make_core(cls, HEADS, GROUPS, HEAD_DIM)
 
 
 def _qkv(s, b, seed=0):
@@ -61,7 +41,7 @@ def test_causal_sdpa_matches_reference():
     causal = torch.ones(23, 23, dtype=torch.bool).triu(1).expand(3, 23, 23)
     out = _core(SDPACoreAttention)(q, k, v, None)
     assert out.shape == (23, 3, HEADS * HEAD_DIM)
-    torch.testing.assert_close(out.double(), _reference(q, k, v, causal), rtol=0, atol=TOL)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, causal), rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("long", [False, True], ids=["one-block", "multi-block"])
@@ -80,11 +60,11 @@ def test_masked_paths_match_reference(path, long):
         out = _core(SDPACoreAttention)(q, k, v, SegmentMask(cross.attn_segments))
     else:
         out = _core(FlexCoreAttention)(q, k, v, SegmentMask(cross.attn_segments))  # eager flex_attention on CPU
-    ref = _reference(q, k, v, masked)
+    ref = reference_attention(q, k, v, masked)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=TOL)
     # negative control: plain causal attention gives different numbers for the response segments
     causal = torch.ones(s, s, dtype=torch.bool).triu(1).expand(n, s, s)
-    assert (_reference(q, k, v, causal) - ref).abs().max() > 1e-2
+    assert (reference_attention(q, k, v, causal) - ref).abs().max() > 1e-2
 
 
 def test_mask_mod_equals_dense_mask():

@@ -7,37 +7,15 @@ Why a separate file: torch 2.14's compiled CPU flex kernel was found returning w
 sequence lengths in one process: the first compile is static, later ones dynamic).
 """
 
-import math
-from types import SimpleNamespace
-
 import pytest
 import torch
-from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.enums import AttnMaskType
+from attention_fixtures import make_core, reference_attention
 
 from megatron_var.data.cross_pairs import build_shared_prefix
 from megatron_var.models.layers import FlexCoreAttention, SDPACoreAttention
 from megatron_var.models.segment_mask import SegmentMask
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
-
-
-def _core(cls, heads, groups, head_dim):
-    config = TransformerConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads,
-                               num_query_groups=groups, kv_channels=head_dim, use_cpu_initialization=True)
-    one_rank = SimpleNamespace(tp=SimpleNamespace(size=lambda: 1))
-    return cls(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
-               pg_collection=one_rank).eval()
-
-
-def _reference(q, k, v, masked_bss):
-    """float64 on the CPU. q [s, b, np, hn], k/v [s, b, ng, hn], masked [b, s, s] (True = masked) -> [s, b, np*hn]."""
-    q, k, v = (t.detach().cpu().double().permute(1, 2, 0, 3) for t in (q, k, v))
-    rep = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))).masked_fill(masked_bss.cpu()[:, None], float("-inf"))
-    ctx = torch.softmax(scores, dim=-1) @ v
-    return ctx.permute(2, 0, 1, 3).reshape(ctx.size(2), ctx.size(0), -1)
 
 
 @pytest.fixture
@@ -71,9 +49,9 @@ def test_shared_prefix_attention_on_device(device, dtype, no_tf32):
         q = torch.randn(s, n, heads, head_dim, generator=g)
         k = torch.randn(s, n, groups, head_dim, generator=g)
         v = torch.randn(s, n, groups, head_dim, generator=g)
-        ref = _reference(q, k, v, cross.attention_mask[:, 0])
+        ref = reference_attention(q, k, v, cross.attention_mask[:, 0])
         qd, kd, vd = (t.to(device=device, dtype=dtype) for t in (q, k, v))
         for cls in (FlexCoreAttention, SDPACoreAttention):
-            out = _core(cls, heads, groups, head_dim)(qd, kd, vd, SegmentMask(cross.attn_segments))
+            out = make_core(cls, heads, groups, head_dim)(qd, kd, vd, SegmentMask(cross.attn_segments))
             err = (out.double().cpu() - ref).abs().max().item()
             assert err <= atol, f"{cls.__name__} {device} {dtype} s={s} b={n} head_dim={head_dim}: max err {err:.2e}"
