@@ -168,18 +168,22 @@ def score_naive_per_prompt(ref: FrozenReference, group: Group) -> torch.Tensor:
     return torch.cat(ref._score(batches, "sum"))
 
 
+def scoring_methods(refs: dict[str, FrozenReference], group: Group, order: list[str],
+                    **extra: Callable[[], torch.Tensor]) -> dict[str, Callable[[], torch.Tensor]]:
+    """``name -> () -> [B, B]`` for the methods in ``order`` that exist: each reference's own method on the whole
+    group, ``naive_per_prompt`` (the naive reference split per prompt) and any ``extra``. Order matters: a run cut
+    short keeps the first ones, so callers list what the targets need first and the one-micro-batch naive (may OOM)
+    last."""
+    methods = {name: (lambda r=ref: r.score_cross_pairs([group.prompt_ids], [group.response_ids])[0])
+               for name, ref in refs.items()}
+    methods["naive_per_prompt"] = lambda: score_naive_per_prompt(refs["naive"], group)
+    methods.update(extra)
+    return {name: methods[name] for name in order if name in methods}
+
+
 def reference_scoring(refs: dict[str, FrozenReference], group: Group, warmup: int, iters: int) -> dict:
     """Time one group's [B, B] matrix per method; matrices compared with the shared-prefix dense one."""
-    # order: what the targets need first (a run cut short keeps those), the one-micro-batch naive last (may OOM)
-    runs = {
-        "shared_prefix_dense": lambda: refs["shared_prefix_dense"].score_cross_pairs(
-            [group.prompt_ids], [group.response_ids])[0],
-        "naive_per_prompt": lambda: score_naive_per_prompt(refs["naive"], group),
-    }
-    if "shared_prefix_flex" in refs:
-        runs["shared_prefix_flex"] = lambda: refs["shared_prefix_flex"].score_cross_pairs(
-            [group.prompt_ids], [group.response_ids])[0]
-    runs["naive"] = lambda: refs["naive"].score_cross_pairs([group.prompt_ids], [group.response_ids])[0]
+    runs = scoring_methods(refs, group, ["shared_prefix_dense", "naive_per_prompt", "shared_prefix_flex", "naive"])
     out, mats = {}, {}
 
     def measure(name):
@@ -229,12 +233,9 @@ def var_vs_sft(arch: ModelArch, pc, options: ModelOptions, refs: dict[str, Froze
         parts.setdefault(key + "/reference", []).append(time.perf_counter() - t0)
         policy_step(batch, var_reduce(), key)
 
-    cached = refs["shared_prefix_dense"].score_cross_pairs([group.prompt_ids], [group.response_ids])[0]
-    scorers = {name: (lambda r=r: r.score_cross_pairs([group.prompt_ids], [group.response_ids])[0])
-               for name, r in sorted(refs.items(), key=lambda kv: kv[0] != "shared_prefix_flex") if name != "naive"}
-    scorers["cached"] = lambda: cached  # --ref-cache: the matrix was scored before training
-    scorers["naive_per_prompt"] = lambda: score_naive_per_prompt(refs["naive"], group)
-    scorers["naive"] = lambda: refs["naive"].score_cross_pairs([group.prompt_ids], [group.response_ids])[0]
+    cached = scoring_methods(refs, group, ["shared_prefix_dense"])["shared_prefix_dense"]()
+    scorers = scoring_methods(refs, group, ["shared_prefix_flex", "shared_prefix_dense", "cached", "naive_per_prompt",
+                                            "naive"], cached=lambda: cached)  # --ref-cache: scored before training
     out = {"sft": guarded(lambda: {"step_s": median_time(sft_step, warmup, iters)}, "var_vs_sft/sft")}
     for name, score in scorers.items():  # the targets' method (flex on GPU) first, naive last
         out["var_" + name] = guarded(lambda: {"step_s": median_time(lambda: var_step(score, name), warmup, iters)},
