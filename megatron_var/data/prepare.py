@@ -221,7 +221,7 @@ def _bad_row(e: BadRow, cfg: PrepareConfig, summary: Summary) -> None:
 def prepare(cfg: PrepareConfig) -> Summary:
     """Run the whole preparation; returns the summary (also stored in meta.json)."""
     output = Path(cfg.output)
-    check_output_dir(output, cfg.overwrite)
+    check_output_dir(output, cfg.overwrite, {"--input": list(cfg.inputs), "--tokenizer": [cfg.tokenizer]})
     for path in cfg.inputs:
         if not Path(path).exists():
             raise ValueError(f"--input {path}: no such file or directory")

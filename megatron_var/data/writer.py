@@ -30,8 +30,19 @@ class Sample:
     response_text: str
 
 
-def check_output_dir(output: Path, overwrite: bool) -> None:
-    """Refuse to clobber existing data unless asked; called before any expensive work."""
+def check_output_dir(output: Path, overwrite: bool, sources: dict[str, list] | None = None) -> None:
+    """Refuse to clobber existing data unless asked, and always refuse an output that holds an input (replacing
+    it would delete that input, ``--overwrite`` or not); ``sources`` maps a flag to its paths. Called before any
+    expensive work."""
+    out = output.resolve()
+    for flag, paths in (sources or {}).items():
+        for src in paths:
+            if not Path(src).exists():  # e.g. a tokenizer name, not a path
+                continue
+            src = Path(src).resolve()
+            if src == out or out in src.parents:
+                raise ValueError(f"--output {output} contains {flag} {src}: writing it would delete that input; "
+                                 "choose another --output")
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output}: exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:

@@ -196,3 +196,20 @@ def test_cli_errors_and_success(tmp_path, tok_dir):
     ok = subprocess.run(cmd + ["--input", str(f), "--output", str(tmp_path / "o")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "rows read          8" in ok.stdout and "groups written" in ok.stdout
+
+
+def test_output_holding_an_input_is_refused_even_with_overwrite(tmp_path, tok_dir):
+    """``--input D/train.jsonl --output D --overwrite`` would replace D and delete its own input: refused (so is
+    a tokenizer kept inside --output), and the input is untouched."""
+    data = tmp_path / "D"
+    data.mkdir()
+    f = write_jsonl(data / "train.jsonl", plain_rows(8))
+    before = f.read_bytes()
+    with pytest.raises(ValueError, match=r"contains --input .*train\.jsonl.*delete"):
+        run_prepare([f], data, tok_dir, group_size=4, overwrite=True)
+    assert f.read_bytes() == before
+    make_tokenizer(tmp_path / "E" / "tok")
+    with pytest.raises(ValueError, match="contains --tokenizer"):
+        run_prepare([f], tmp_path / "E", tmp_path / "E" / "tok", group_size=4, overwrite=True)
+    assert (tmp_path / "E" / "tok").is_dir()
+    run_prepare([f], tmp_path / "out", tok_dir, group_size=4)  # another output is fine
