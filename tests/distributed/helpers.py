@@ -64,6 +64,32 @@ def max_rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple
     return worst, where
 
 
+FLOAT32_EPS = torch.finfo(torch.float32).eps  # 2**-23 = one ulp of 1.0
+
+
+def max_update_err(stepped: dict[str, torch.Tensor], ref_stepped: dict[str, torch.Tensor],
+                   init: dict[str, torch.Tensor], rel_tol: float) -> tuple[float, str]:
+    """Worst ratio of |update - ref update| to what float32 allows, over tensors; <= 1 passes.
+
+    An update is read back as ``stepped - init`` from float32 parameters, so it carries the rounding of the stored
+    parameter, not only its own: AdamW rounds p twice per step (weight decay, then the Adam step), <= half an ulp
+    each, so two runs can differ by 2 * 2 * ulp(p)/2 <= 2 * eps * |p| however exactly they computed the update.
+    With |p| ~ 1 and an update of ~lr = 1e-2 that alone is ~2.4e-5 of the update, above ``rel_tol``; which side
+    of a rounding boundary a value lands on depends on the CPU's kernels (AVX2 vs AVX-512), not on the layout.
+    Allowed per element: ``rel_tol * max|ref update| + 2 * eps * max(|init|, |ref stepped|)``.
+    """
+    assert set(stepped) == set(ref_stepped) == set(init), sorted(set(stepped) ^ set(ref_stepped))
+    worst, where = 0.0, ""
+    for k in ref_stepped:
+        p0, p_ref = init[k].double(), ref_stepped[k].double()
+        update, ref_update = stepped[k].double() - p0, p_ref - p0
+        bound = rel_tol * ref_update.abs().max() + 2 * FLOAT32_EPS * torch.maximum(p0.abs(), p_ref.abs())
+        ratio = ((update - ref_update).abs() / bound.clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+        if ratio > worst:
+            worst, where = ratio, k
+    return worst, where
+
+
 @contextlib.contextmanager
 def layout(tp: int = 1, pp: int = 1, vpp=None, sp: bool = False, seed: int = 1234):
     """megatron's TP/PP/DP groups for one layout of the world, torn down on exit."""

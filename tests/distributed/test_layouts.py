@@ -14,19 +14,19 @@ from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.training.engine import OptimConfig, build_optimizer, run_schedule, sum_reports, wrap_ddp
 from megatron_var.training.step import make_forward_step, sft_reduce
 
-from helpers import LLAMA, layout, QWEN_TIED, dp_share, global_sum, max_rel_err, sft_microbatches
+from helpers import LLAMA, layout, QWEN_TIED, dp_share, global_sum, max_rel_err, max_update_err, sft_microbatches
 
 N_MICRO, MBS, SEQ = 4, 2, 16
 TOL = 1e-5
 
 
-def _train_step(arch, pc, full_state, replicate: bool, distributed_optimizer: bool):
+def _train_step(arch, pc, full_state, replicate: bool, distributed_optimizer: bool, lr: float = 1e-2):
     """Loss, full gradients and full post-step weights for one global batch in layout ``pc``."""
     chunks = build_model_chunks(arch, pc, ModelOptions())
     load_full(chunks, full_state)
     # adam_eps well above the tiniest gradients: Adam's first step is ~sign(g), which turns float32 rounding of
     # near-zero gradients into O(1) update differences; a large eps keeps the comparison well conditioned.
-    optim = OptimConfig(lr=1e-2, weight_decay=0.1, clip_grad=1.0, adam_eps=1e-2,
+    optim = OptimConfig(lr=lr, weight_decay=0.1, clip_grad=1.0, adam_eps=1e-2,
                         use_distributed_optimizer=distributed_optimizer)
     model = wrap_ddp(chunks, optim)
     optimizer = build_optimizer(model, optim)
@@ -68,9 +68,8 @@ def test_layout_matches_single_rank(reference, name):
     assert abs(loss - ref_loss) <= TOL * abs(ref_loss), (loss, ref_loss)
     err, where = max_rel_err(grads, ref_grads)
     assert err <= TOL, f"gradient {where}: rel err {err:.2e}"
-    err, where = max_rel_err({k: v - init[k] for k, v in stepped.items()},
-                             {k: v - init[k] for k, v in ref_stepped.items()})
-    assert err <= TOL, f"AdamW update {where}: rel err {err:.2e}"
+    err, where = max_update_err(stepped, ref_stepped, init, TOL)
+    assert err <= 1.0, f"AdamW update {where}: {err:.2f}x the float32 bound"
 
 
 def test_wrong_shard_is_detected(reference):
@@ -83,3 +82,12 @@ def test_wrong_shard_is_detected(reference):
         _, grads, _ = _train_step(arch, pc, bad, replicate=False, distributed_optimizer=False)
     err, _ = max_rel_err(grads, ref_grads)
     assert err > 1e-2
+
+
+def test_wrong_update_is_detected(reference):
+    """Negative control for the update check: an AdamW step with a learning rate 0.1% off must fail it."""
+    arch, init, _, _, ref_stepped = reference
+    with layout(tp=2) as pc:
+        _, _, stepped = _train_step(arch, pc, init, replicate=False, distributed_optimizer=True, lr=1.001e-2)
+    err, _ = max_update_err(stepped, ref_stepped, init, TOL)
+    assert err > 1.0
