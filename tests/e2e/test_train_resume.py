@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +57,21 @@ def uninterrupted(tiny, tmp_path_factory):
     return full, ref
 
 
+def _kill_run(launcher: subprocess.Popen) -> None:
+    """SIGKILL the torchrun launcher and every worker it started, and check that none survives.
+
+    torch elastic starts each worker in a session of its own, so killing the launcher's process group leaves the
+    workers training (and writing checkpoints) on; they are found as the launcher's children before it dies.
+    """
+    workers = psutil.Process(launcher.pid).children(recursive=True)
+    assert workers, "the launcher has no worker processes yet"
+    for p in [psutil.Process(launcher.pid), *workers]:
+        p.send_signal(signal.SIGKILL)
+    launcher.wait()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"workers survived SIGKILL: {alive}"
+
+
 def test_sigkill_and_resume_is_bitwise(tiny, uninterrupted, tmp_path):
     ref = uninterrupted[1]
 
@@ -67,8 +83,7 @@ def test_sigkill_and_resume_is_bitwise(tiny, uninterrupted, tmp_path):
     tracker = killed / "latest_checkpointed_iteration.txt"
     while time.time() < deadline and not (tracker.exists() and tracker.read_text().strip() in ("2", "4")):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_run(proc)
     resumed_from = int(tracker.read_text())
     assert resumed_from in (2, 4)
     r = _run(_train_cmd(tiny, killed, "--load", str(killed)), timeout=600)
