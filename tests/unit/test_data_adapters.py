@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from megatron_var.data import adapters as A
+from megatron_var.data.detection import detect_format
 from megatron_var.data.formatting import fit_length
 
 
@@ -81,18 +82,18 @@ def test_plain_and_messages():
 @pytest.mark.parametrize("columns,expected", [
     ({"instruction", "output_1", "output_2", "label"}, "offsetbias"),
     ({"source", "instruction", "models", "completions"}, "ultrafeedback"),
-    ({"chosen", "rejected"}, "hh"),
+    ({"chosen", "rejected"}, "implicit_preference"),
     ({"prompt", "response"}, "plain"),
-    ({"prompt", "chosen", "rejected"}, "plain"),
+    ({"prompt", "chosen", "rejected"}, "preference"),
     ({"messages", "id"}, "messages"),
 ])
 def test_detect_format(columns, expected):
-    assert A.detect_format(columns, "x") == expected
+    assert detect_format(columns, "x") == expected
 
 
 def test_detect_format_unknown_names_columns():
     with pytest.raises(ValueError, match=r"x.jsonl: cannot detect.*\['foo'\]"):
-        A.detect_format({"foo"}, "x.jsonl")
+        detect_format({"foo"}, "x.jsonl")
 
 
 def test_fit_length_rules():
