@@ -276,11 +276,13 @@ def prompt_completion(row: dict, where: str, **_) -> Example:
 
 def plain(row: dict, where: str, **_) -> Example:
     """``{prompt, response}`` (or ``chosen``), optional ``rejected`` and ``system``."""
-    prompt = _prompt(row, where)
-    prompt, response = _response(row, "response" if "response" in row else "chosen", prompt, where)
+    prompt, response = _response(row, "response" if "response" in row else "chosen", _prompt(row, where), where)
     responses = [response]
     if row.get("rejected") is not None:
-        responses.append(_get(row, "rejected", where))
+        prompt_r, rejected = _response(row, "rejected", prompt, where)
+        if prompt_r != prompt:
+            raise BadRow(where, "prompt_mismatch", "'rejected' continues a different conversation than the response")
+        responses.append(rejected)
     return Example(prompt, responses, where=where)
 
 

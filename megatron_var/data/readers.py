@@ -100,8 +100,7 @@ class InputSource:
                 try:
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
-                    yield where, BadRow(where, "invalid_utf8", f"line is not valid UTF-8 (byte {raw[e.start]:#04x} "
-                                                               f"at byte column {e.start + 1})")
+                    yield where, BadRow(where, "invalid_utf8", _utf8_error(raw, e))
                     continue
                 if not line.strip():
                     continue
@@ -146,8 +145,12 @@ def _first_invalid_utf8_line(path: Path) -> str | None:
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                return f"{path}:{lineno}: line is not valid UTF-8 (byte {raw[e.start]:#04x} at byte column {e.start + 1})"
+                return f"{path}:{lineno}: {_utf8_error(raw, e)}"
     return None
+
+
+def _utf8_error(raw: bytes, e: UnicodeDecodeError) -> str:
+    return f"line is not valid UTF-8 (byte {raw[e.start]:#04x} at byte column {e.start + 1})"
 
 
 @contextlib.contextmanager

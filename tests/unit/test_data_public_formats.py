@@ -160,8 +160,9 @@ def test_trl_implicit_prompt_preference(tmp_path, tok_dir):
     std = write_jsonl(tmp_path / "std.jsonl", [{"chosen": f"The sky {k} is blue.", "rejected": f"The sky {k} is green."}
                                                for k in range(3)])
     # trl-lib/ultrafeedback_binarized: chosen/rejected whole conversations, scores alongside
-    conv_rows = [{"chosen": [user(f"q {k}"), assistant(f"good {k}")], "rejected": [user(f"q {k}"), assistant(f"bad {k}")],
-                  "score_chosen": 9.0, "score_rejected": 2.0} for k in range(3)]
+    conv_rows = [{"chosen": [user(f"q {k}"), assistant(f"good {k}")],
+                  "rejected": [user(f"q {k}"), assistant(f"bad {k}")], "score_chosen": 9.0, "score_rejected": 2.0}
+                 for k in range(3)]
     conv = write_jsonl(tmp_path / "conv.jsonl", conv_rows)
     s, samples, _ = prepared(tmp_path, tok_dir, [std, conv], responses="all", group_size=2)
     assert s.input_formats == {str(std): "implicit_preference", str(conv): "implicit_preference"}
