@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from megatron_var.data.adapters import ADAPTERS, FORMATS, BadRow, Example, detect_format
+from megatron_var.data.adapters import ADAPTERS, FORMATS, BadRow, Example
+from megatron_var.data.detection import SINGLE_RESPONSE, detect_format
 from megatron_var.data.formatting import (
     DEFAULT_RAW_TEMPLATE,
     FIT_DROP,
@@ -26,7 +27,7 @@ from megatron_var.data.formatting import (
 )
 from megatron_var.data.grouping import pack_groups, split_units
 from megatron_var.data.groups import FORMAT_VERSION, tokenizer_fingerprint
-from megatron_var.data.readers import InputSource
+from megatron_var.data.readers import InputSource, is_hub_name
 from megatron_var.data.writer import AtomicDir, Sample, check_output_dir, write_meta, write_split
 
 logger = logging.getLogger(__name__)
@@ -39,10 +40,11 @@ _CHUNK = 512  # samples tokenized per batch
 class PrepareConfig:
     """Everything prepare_data needs; mirrors the CLI flags."""
 
-    inputs: list[str]
+    inputs: list[str]  # local files / save_to_disk dirs, or hub dataset names
     output: str
     tokenizer: str
-    input_format: str = "auto"  # auto | offsetbias | ultrafeedback | hh | plain | messages
+    input_format: str = "auto"  # auto | one of adapters.FORMATS
+    split: str | None = None  # DatasetDict / hub split; default train, else the only one
     template: str = "chat"  # chat | raw
     raw_template: str = DEFAULT_RAW_TEMPLATE
     system_prompt: str | None = None
@@ -87,6 +89,7 @@ class PrepareConfig:
 class Summary:
     """Counts for the end-of-run table and meta.json; samples are (prompt, response) pairs, rows are input rows."""
 
+    input_formats: dict = field(default_factory=dict)  # input -> adapter used (detected or --input-format)
     rows_read: int = 0
     rows_dropped: Counter = field(default_factory=Counter)  # by reason (bad rows under skip, tied pairs)
     samples_built: int = 0
@@ -110,6 +113,7 @@ class Summary:
             return ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "-"
 
         lines = [
+            ("input formats", ", ".join(f"{k}: {v}" for k, v in self.input_formats.items()) or "-"),
             ("rows read", self.rows_read), ("rows kept", self.rows_kept),
             ("rows dropped", f"{sum(self.rows_dropped.values())} ({fmt(self.rows_dropped)})"),
             ("samples built", self.samples_built),
@@ -121,9 +125,12 @@ class Summary:
         return "\n".join(f"{name:<18} {value}" for name, value in lines)
 
 
-def _select_responses(ex: Example, mode: str) -> list[str] | None:
-    """Responses used as samples; None = drop the row as a tied pair."""
+def _select_responses(ex: Example, mode: str) -> list[str] | str:
+    """Responses used as samples, or the reason (counted) the row is left out: a tied pair, or an unpaired-preference
+    completion labelled undesirable under ``chosen`` (``all`` keeps it: its reward will say how bad it is)."""
     if mode == "chosen":
+        if ex.label is False:
+            return "undesirable_completion"
         used = ex.responses[:1]
     elif mode == "all":
         used = list(ex.responses)
@@ -131,7 +138,7 @@ def _select_responses(ex: Example, mode: str) -> list[str] | None:
         if len(ex.responses) < 2:
             raise BadRow(ex.where, "no_rejected", "--responses pairs needs a rejected response")
         if ex.scores is not None and ex.scores[0] == ex.scores[-1]:
-            return None
+            return "tied_pair"
         used = [ex.responses[0], ex.responses[-1]]
     for text in used:
         if not text.strip():
@@ -148,10 +155,11 @@ class _Builder:
         self._pending: list[tuple[str, str, list[str]]] = []  # (prompt_text, messages_json, responses)
         self._n_pending = 0  # responses in _pending
 
-    def add(self, ex: Example) -> bool:
+    def add(self, ex: Example) -> str | None:
+        """Queue the row's samples; returns why the row was left out, if it was."""
         used = _select_responses(ex, self.cfg.responses)
-        if used is None:
-            return False
+        if isinstance(used, str):
+            return used
         if not any(m["role"] == "user" and m["content"].strip() for m in ex.messages):
             raise BadRow(ex.where, "empty_prompt", "empty prompt")
         msgs = self.fmt.prompt_messages(ex)
@@ -159,7 +167,7 @@ class _Builder:
         self._n_pending += len(used)
         if self._n_pending >= _CHUNK:
             self.flush()
-        return True
+        return None
 
     def flush(self) -> None:
         if not self._pending:
@@ -192,11 +200,8 @@ class _Builder:
 def _examples(cfg: PrepareConfig, summary: Summary):
     """Yield Examples from all inputs; bad rows raise (error) or are counted (skip)."""
     for path in cfg.inputs:
-        source = InputSource(path)
-        fmt_name = cfg.input_format
-        if fmt_name == "auto":
-            fmt_name = detect_format(source.columns(), str(path))
-            logger.info("%s: detected format %s", path, fmt_name)
+        source = InputSource(path, cfg.split)
+        fmt_name = summary.input_formats[source.label] = _input_format(source, cfg)
         adapter = ADAPTERS[fmt_name]
         bar = tqdm(source, total=len(source), desc=Path(path).name, unit="row", disable=None if cfg.progress else True,
                    dynamic_ncols=True)
@@ -208,6 +213,18 @@ def _examples(cfg: PrepareConfig, summary: Summary):
                 yield adapter(row, where, score_key=cfg.ultrafeedback_score)
             except BadRow as e:
                 _bad_row(e, cfg, summary)
+
+
+def _input_format(source: InputSource, cfg: PrepareConfig) -> str:
+    """The adapter for one input (detected unless --input-format), refusing a --responses mode it cannot make."""
+    fmt_name = cfg.input_format
+    if fmt_name == "auto":
+        fmt_name = detect_format(source.columns(), source.label, source.first_row())
+        logger.info("%s: detected format %s", source.label, fmt_name)
+    if cfg.responses == "pairs" and fmt_name in SINGLE_RESPONSE:
+        raise ValueError(f"{source.label}: {fmt_name} rows hold one response each; --responses pairs needs a chosen "
+                         "and a rejected response per prompt (use --responses chosen or all)")
+    return fmt_name
 
 
 def _bad_row(e: BadRow, cfg: PrepareConfig, summary: Summary) -> None:
@@ -223,7 +240,7 @@ def prepare(cfg: PrepareConfig) -> Summary:
     output = Path(cfg.output)
     check_output_dir(output, cfg.overwrite, {"--input": list(cfg.inputs), "--tokenizer": [cfg.tokenizer]})
     for path in cfg.inputs:
-        if not Path(path).exists():
+        if not Path(path).exists() and not is_hub_name(str(path)):
             raise ValueError(f"--input {path}: no such file or directory")
     tokenizer = load_tokenizer(cfg.tokenizer)
     template = TemplateConfig(cfg.template, cfg.raw_template, cfg.system_prompt)
@@ -232,8 +249,9 @@ def prepare(cfg: PrepareConfig) -> Summary:
     builder = _Builder(cfg, fmt, summary)
     for ex in _examples(cfg, summary):
         try:
-            if not builder.add(ex):
-                summary.rows_dropped["tied_pair"] += 1
+            reason = builder.add(ex)
+            if reason:
+                summary.rows_dropped[reason] += 1
         except BadRow as e:
             _bad_row(e, cfg, summary)
     builder.flush()
@@ -263,7 +281,8 @@ def prepare(cfg: PrepareConfig) -> Summary:
         "template": {"kind": template.kind, "raw_template": template.raw_template if template.kind == "raw" else None,
                      "system_prompt": template.system_prompt},
         "group_size": B, "seq_length": cfg.seq_length, "responses": cfg.responses, "seed": cfg.seed,
-        "inputs": [str(p) for p in cfg.inputs], "input_format": cfg.input_format, "overlong": cfg.overlong,
+        "inputs": [str(p) for p in cfg.inputs], "input_format": cfg.input_format, "split": cfg.split,
+        "overlong": cfg.overlong,
         "splits": {},
     }
     with AtomicDir(output) as tmp:

@@ -9,14 +9,22 @@ from megatron_var.data.formatting import DEFAULT_RAW_TEMPLATE
 from megatron_var.data.prepare import RESPONSE_MODES, PrepareConfig, prepare
 
 DESCRIPTION = """\
-Turn local preference / instruction data into tokenized VAR groups (Parquet shards + meta.json).
+Turn preference / instruction data into tokenized VAR groups (Parquet shards + meta.json).
 
-Inputs: JSONL, JSON, Parquet, CSV files or datasets.save_to_disk directories. Formats (auto-detected from columns):
-  offsetbias     instruction, output_1, output_2, label (1|2 = the better output)
-  ultrafeedback  prompt|instruction, completions[{response, annotations, fine-grained_score, overall_score}]
-  hh             chosen, rejected: "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogues (last assistant turn = response)
-  plain          prompt, response|chosen [, rejected] [, system]
-  messages       messages: [{role, content}, ...] (last assistant turn = response) [, rejected]
+Inputs: JSONL (.jsonl, .jsonl.gz), JSON, Parquet, CSV files, datasets.save_to_disk directories (--split, default
+train or the only split), or a dataset name that is not a local path (datasets.load_dataset, --split).
+Formats, auto-detected from the columns (most specific wins; text fields may be strings or [{role, content}] lists):
+  offsetbias           instruction, output_1, output_2, label (1|2 = the better output)
+  ultrafeedback        prompt|instruction, completions[{response, annotations, fine-grained_score, ...}]
+  preference           prompt, chosen, rejected [, score_chosen, score_rejected] (TRL preference;
+                       HuggingFaceH4/ultrafeedback_binarized: chosen/rejected are whole dialogues)
+  implicit_preference  chosen, rejected (TRL implicit prompt: the shared beginning / earlier turns are the prompt)
+  hh                   chosen, rejected as "\\n\\nHuman: ...\\n\\nAssistant: ..." (Anthropic/hh-rlhf)
+  unpaired_preference  prompt, completion, label (TRL/KTO; --responses chosen keeps label=true rows)
+  prompt_completion    prompt, completion (TRL prompt-completion)
+  plain                prompt, response|chosen [, rejected] [, system]
+  messages             messages: [{role, content}, ...] (last assistant turn = response) [, rejected]
+Refused with a reason: text only (language modeling) and prompt only (no responses to train on).
 Next step: tools/score_rewards.py --data OUTPUT writes the [B,B] reward matrices next to the shards."""
 
 
@@ -24,8 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prepare_data.py", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input / output")
-    io.add_argument("--input", nargs="+", required=True, metavar="PATH", help="input files or save_to_disk dirs")
+    io.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                    help="input files, save_to_disk dirs, or dataset names (datasets.load_dataset)")
     io.add_argument("--input-format", default="auto", choices=("auto", *FORMATS), help="default: auto-detect")
+    io.add_argument("--split", default=None, metavar="NAME",
+                    help="split of a saved DatasetDict or hub dataset (default: train, else the only split)")
     io.add_argument("--output", required=True, metavar="DIR", help="output directory (must be absent or empty)")
     io.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
     io.add_argument("--on-bad-row", default="error", choices=("error", "skip"),
@@ -60,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = PrepareConfig(
         inputs=args.input, output=args.output, tokenizer=args.tokenizer, input_format=args.input_format,
+        split=args.split,
         template=args.template, raw_template=args.raw_template, system_prompt=args.system_prompt,
         responses=args.responses, group_size=args.group_size, seq_length=args.seq_length, overlong=args.overlong,
         valid_fraction=args.valid_fraction, seed=args.seed, shard_size=args.shard_size, overwrite=args.overwrite,

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from megatron_var.data import adapters as A
+from megatron_var.data.detection import detect_format
 from megatron_var.data.formatting import fit_length
 
 
@@ -81,18 +82,18 @@ def test_plain_and_messages():
 @pytest.mark.parametrize("columns,expected", [
     ({"instruction", "output_1", "output_2", "label"}, "offsetbias"),
     ({"source", "instruction", "models", "completions"}, "ultrafeedback"),
-    ({"chosen", "rejected"}, "hh"),
+    ({"chosen", "rejected"}, "implicit_preference"),
     ({"prompt", "response"}, "plain"),
-    ({"prompt", "chosen", "rejected"}, "plain"),
+    ({"prompt", "chosen", "rejected"}, "preference"),
     ({"messages", "id"}, "messages"),
 ])
 def test_detect_format(columns, expected):
-    assert A.detect_format(columns, "x") == expected
+    assert detect_format(columns, "x") == expected
 
 
 def test_detect_format_unknown_names_columns():
     with pytest.raises(ValueError, match=r"x.jsonl: cannot detect.*\['foo'\]"):
-        A.detect_format({"foo"}, "x.jsonl")
+        detect_format({"foo"}, "x.jsonl")
 
 
 def test_fit_length_rules():
@@ -105,3 +106,27 @@ def test_fit_length_rules():
     assert st == "response" and p3.tolist() == [7, 8, 9] and r3.tolist() == [100, 101, 102]
     p4, r4, st = fit_length(p, r, 7, "truncate")  # R = S-1: exactly one prompt token left
     assert st == "prompt" and p4.tolist() == [9] and len(r4) == 6
+
+
+def test_implicit_prompt_text_split_keeps_words_whole():
+    """Standard implicit-prompt preference: the prompt ends before the first differing word, so "blue"/"black"
+    (which share "bl") are not cut, and prompt + response gives back each original text."""
+    for chosen, rejected, prompt in [("The sky is blue.", "The sky is green.", "The sky is"),
+                                     ("The sky is blue", "The sky is black", "The sky is"),
+                                     ("Q: 2+2?\nA: 4", "Q: 2+2?\nA: 5", "Q: 2+2?\nA:")]:
+        ex = A.implicit_preference({"chosen": chosen, "rejected": rejected}, "i:1")
+        assert ex.messages == [{"role": "user", "content": prompt}]
+        assert [prompt + r for r in ex.responses] == [chosen, rejected]
+    with pytest.raises(A.BadRow) as e:
+        A.implicit_preference({"chosen": "yes", "rejected": "no"}, "i:2")
+    assert e.value.reason == "no_common_prompt"
+
+
+def test_plain_rejected_may_be_a_dialogue():
+    u = {"role": "user", "content": "p"}
+    ex = A.plain({"prompt": "p", "response": "r", "rejected": [u, {"role": "assistant", "content": "x"}]}, "p:1")
+    assert ex.messages == [u] and ex.responses == ["r", "x"]
+    with pytest.raises(A.BadRow) as e:
+        A.plain({"prompt": "p", "response": "r", "rejected": [{"role": "user", "content": "other"},
+                                                             {"role": "assistant", "content": "x"}]}, "p:2")
+    assert e.value.reason == "prompt_mismatch"
