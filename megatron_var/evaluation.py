@@ -15,7 +15,6 @@ import gc
 import gzip
 import json
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from tqdm import tqdm
 from megatron_var.data.adapters import BadRow, parse_hh
 from megatron_var.data.formatting import DEFAULT_RAW_TEMPLATE, Formatter, TemplateConfig
 from megatron_var.data.readers import InputSource
+from megatron_var.stats import mean_se
 
 logger = logging.getLogger(__name__)
 
@@ -308,13 +308,6 @@ def _as_example(item: PromptItem):
 
 
 # ------------------------------------------------------------------------------------------- statistics
-
-
-def mean_se(per_seed: list[float]) -> tuple[float, float | None]:
-    """Mean of the per-seed means and its standard error std(ddof=1)/sqrt(n); SE is None for one seed."""
-    x = np.asarray(per_seed, dtype=np.float64)
-    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
-    return float(x.mean()), se
 
 
 def summarize(rewards_SN: np.ndarray, subsets: list[str]) -> dict:
