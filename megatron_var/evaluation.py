@@ -5,8 +5,12 @@ prompt set; the reported number is the mean over seeds of the per-seed mean rewa
 those per-seed means (std with ddof=1 / sqrt(#seeds)) — also per subset. Prompts are rendered exactly like
 prepare_data renders training prompts (the same Formatter), so a model is evaluated in the format it was trained in.
 
-Determinism: batch k of seed s is sampled right after ``torch.manual_seed(s * 1_000_003 + k)``, so the same
-model, prompts, --batch-size and seed give the same generations whatever else ran before.
+Prompts keep the whole conversation: an HH-RLHF dialogue is cut before its last assistant reply (that reply is
+kept as the reference answer for the win rate, tools/eval_winrate.py) and rendered as messages.
+
+Determinism and data parallelism (torchrun, --engine transformers|vllm): see generation.py. With the
+transformers engine, batch k of seed s is sampled right after ``torch.manual_seed(s * 1_000_003 + k)``, so the
+same model, prompts, --batch-size and seed give the same generations whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import gc
 import gzip
 import json
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +31,9 @@ from tqdm import tqdm
 from megatron_var.data.adapters import BadRow, parse_hh
 from megatron_var.data.formatting import DEFAULT_RAW_TEMPLATE, Formatter, TemplateConfig
 from megatron_var.data.readers import InputSource
+from megatron_var.generation import (ENGINES, DistContext, VLLMEngine, fit_prompts, generation_config, load_policy,
+                                     rank_batches, resolve_engine, sample_batch, seed_for)
+from megatron_var.stats import mean_se
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +63,8 @@ class EvalConfig:
     rm_max_length: int = 4096
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str | None = None
+    engine: str = "auto"  # auto | transformers | vllm (see generation.py)
+    tensor_parallel_size: int | None = None  # vLLM only; default: every visible GPU
     progress: bool = True
 
     def __post_init__(self):
@@ -79,6 +87,8 @@ class EvalConfig:
             (self.batch_size >= 1 and self.rm_batch_size >= 1, "--batch-size / --rm-batch-size must be >= 1"),
             (self.max_prompts is None or self.max_prompts >= 1, "--max-prompts must be >= 1"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), "--dtype: auto|float32|bfloat16|float16"),
+            (self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}"),
+            (self.tensor_parallel_size is None or self.tensor_parallel_size >= 1, "--tensor-parallel-size >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -100,6 +110,7 @@ class PromptItem:
     messages: list[dict]  # prompt turns (no assistant answer at the end)
     subset: str
     where: str  # file:line, for error messages
+    reference: str | None = None  # the data set's answer (HH: chosen), the win-rate baseline
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -129,27 +140,43 @@ def _check_turns(msgs, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
-def row_messages(row: dict, where: str) -> list[dict]:
-    """Prompt turns of one row: ``prompt`` (+ optional ``system``), chat ``messages`` (a trailing assistant turn
-    is dropped: it is the reference answer), or an HH-RLHF ``chosen`` dialogue (its first human turn)."""
+def parse_prompt_row(row: dict, where: str) -> tuple[list[dict], str | None]:
+    """(prompt turns, reference answer or None) of one row.
+
+    ``prompt`` (+ optional ``system``; reference from a string ``chosen`` or ``response``), chat ``messages`` (a
+    trailing assistant turn is the reference), or an HH-RLHF ``chosen`` dialogue: the prompt is the whole
+    conversation before the last assistant reply, which is the reference (the paper's win-rate baseline)."""
+    reference = None
     if isinstance(row.get("prompt"), str):
         msgs = [{"role": "user", "content": row["prompt"]}]
         if isinstance(row.get("system"), str) and row["system"].strip():
             msgs.insert(0, {"role": "system", "content": row["system"]})
+        reference = next((row[k] for k in ("chosen", "response") if isinstance(row.get(k), str)), None)
     elif "messages" in row:
         msgs = _check_turns(row["messages"], where)
+        msgs, reference = _split_reference(msgs)
         while msgs and msgs[-1]["role"] == "assistant":
             msgs.pop()
     elif "chosen" in row:
         turns = parse_hh(row["chosen"], where) if isinstance(row["chosen"], str) else _check_turns(row["chosen"], where)
-        first_user = next((m for m in turns if m["role"] == "user"), None)
-        msgs = [first_user] if first_user else []
+        msgs, reference = _split_reference(turns)
     else:
         raise ValueError(f"{where}: a prompt row needs 'prompt', 'messages' or an HH-style 'chosen' field "
                          f"(got {sorted(row)})")
     if not any(m["role"] == "user" and m["content"].strip() for m in msgs):
         raise ValueError(f"{where}: empty prompt (no non-empty user turn)")
-    return msgs
+    return msgs, reference
+
+
+def _split_reference(turns: list[dict]) -> tuple[list[dict], str | None]:
+    """A dialogue ending with an assistant turn -> (turns before it, its text); otherwise (turns, None)."""
+    if turns and turns[-1]["role"] == "assistant":
+        return turns[:-1], turns[-1]["content"]
+    return turns, None
+
+
+def row_messages(row: dict, where: str) -> list[dict]:
+    return parse_prompt_row(row, where)[0]
 
 
 def default_subset(path: Path) -> str:
@@ -168,7 +195,8 @@ def load_prompts(paths: list[str], max_prompts: int | None = None) -> list[Promp
             if isinstance(row, BadRow):
                 raise ValueError(str(row))
             subset = row.get("subset")
-            items.append(PromptItem(row_messages(row, where), str(subset) if subset else fallback, where))
+            msgs, reference = parse_prompt_row(row, where)
+            items.append(PromptItem(msgs, str(subset) if subset else fallback, where, reference))
             if max_prompts and len(items) >= max_prompts:
                 return items
     if not items:
@@ -179,116 +207,58 @@ def load_prompts(paths: list[str], max_prompts: int | None = None) -> list[Promp
 # -------------------------------------------------------------------------------------------- generation
 
 
-def seed_for(seed: int, batch_index: int) -> int:
-    return seed * 1_000_003 + batch_index
-
-
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
-def load_policy(path: str, dtype: str = "auto", device: str | None = None):
-    """(model, tokenizer, device) of a local HF causal LM, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from megatron_var.data.scorers import pick_device
-
-    dev = pick_device(device)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(dtype, dev), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"--model {path}: cannot load ({type(e).__name__}: {e})") from None
-    if tok.eos_token_id is None:
-        raise ValueError(f"--model {path}: tokenizer has no eos token; generation could not stop")
-    return model.to(dev).eval(), tok, dev
-
-
-def generation_config(model, tok, cfg: EvalConfig):
-    """The paper's sampling, nothing else from the checkpoint except its stop tokens."""
-    from transformers import GenerationConfig
-
-    eos = getattr(model.generation_config, "eos_token_id", None) or tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
-    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                            max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                            bos_token_id=tok.bos_token_id)
-
-
-@torch.inference_mode()
-def sample_batch(model, prompt_ids: list[list[int]], gen_cfg, device) -> list[tuple[list[int], bool]]:
-    """Left-padded batch generation; returns per prompt (response ids without eos, ended with eos)."""
-    pad = gen_cfg.pad_token_id
-    width = max(len(p) for p in prompt_ids)
-    ids_NT = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-    mask_NT = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for row, p in enumerate(prompt_ids):
-        ids_NT[row, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask_NT[row, width - len(p):] = 1
-    out = model.generate(input_ids=ids_NT.to(device), attention_mask=mask_NT.to(device), generation_config=gen_cfg)
-    eos = gen_cfg.eos_token_id
-    eos_set = set(eos) if isinstance(eos, list) else {eos}
-    results = []
-    for row in out[:, width:].tolist():
-        cut = next((k for k, t in enumerate(row) if t in eos_set), None)
-        results.append((row if cut is None else row[:cut], cut is not None))
-    return results
-
-
-def fit_prompts(prompt_ids: list[list[int]], model, max_new_tokens: int, path: str) -> list[list[int]]:
-    """Keep prompt + response inside the model's context: over-long prompts keep their end (as in prepare_data)."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if not limit:
-        return prompt_ids
-    keep = limit - max_new_tokens
-    if keep < 1:
-        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {path} "
-                         f"(max_position_embeddings {limit})")
-    n_cut = sum(len(p) > keep for p in prompt_ids)
-    if n_cut:
-        logger.warning("%s: %d prompts longer than %d tokens keep their last %d tokens", path, n_cut, keep, keep)
-    return [p[-keep:] if len(p) > keep else p for p in prompt_ids]
-
-
 @dataclass
 class ModelGenerations:
-    """Everything sampled from one model: texts[s][i] is the response to prompt i under seeds[s]."""
+    """What one rank sampled from one model: texts[s][k] is the response to prompt indices[k] under seeds[s]
+    (after merge_ranks: every prompt, indices == range(N))."""
 
     name: str
     path: str
-    prompt_texts: list[str]
+    prompt_texts: list[str]  # all prompts, rendered
     prompt_messages: list[list[dict]]  # as rendered (system prompt included), for reward models' own templates
+    indices: list[int]
     texts: list[list[str]]
     num_tokens: list[list[int]]
     finished: list[list[bool]]
     seconds: float
 
 
-def generate(path: str, name: str, items: list[PromptItem], cfg: EvalConfig) -> ModelGenerations:
-    model, tok, dev = load_policy(path, cfg.dtype, cfg.device)
+def _render(tok, items: list[PromptItem], cfg: EvalConfig) -> tuple[list[list[dict]], list[str], list[list[int]]]:
+    """(messages, prompt texts, prompt ids) rendered like prepare_data renders training prompts."""
     fmt = Formatter(tok, TemplateConfig(cfg.template, cfg.raw_template, cfg.system_prompt))
     messages = [fmt.prompt_messages(_as_example(it)) for it in items]
     prompt_texts = [fmt.prompt_text(m, it.where) for m, it in zip(messages, items)]
-    prompt_ids = fit_prompts([x.tolist() for x in fmt.encode_prompts(prompt_texts)], model, cfg.max_new_tokens, path)
+    return messages, prompt_texts, [x.tolist() for x in fmt.encode_prompts(prompt_texts)]
+
+
+def generate(path: str, name: str, items: list[PromptItem], cfg: EvalConfig,
+             ctx: DistContext | None = None) -> ModelGenerations:
+    """This rank's share of the generations of one model (all of them with one process or vLLM)."""
+    ctx = ctx or DistContext()
+    if resolve_engine(cfg.engine, ctx.world_size) == "vllm":
+        return _generate_vllm(path, name, items, cfg)
+    model, tok, dev = load_policy(path, cfg.dtype, cfg.device)
+    messages, prompt_texts, prompt_ids = _render(tok, items, cfg)
+    prompt_ids = fit_prompts(prompt_ids, model, cfg.max_new_tokens, path)
     gen_cfg = generation_config(model, tok, cfg)
-    n, bs = len(items), cfg.batch_size
-    gens = ModelGenerations(name, str(path), prompt_texts, messages, [], [], [], 0.0)
+    batches = rank_batches(len(items), cfg.batch_size, ctx.rank, ctx.world_size)
+    indices = [i for _, start, end in batches for i in range(start, end)]
+    gens = ModelGenerations(name, str(path), prompt_texts, messages, indices, [], [], [], 0.0)
     t0, n_tokens = time.perf_counter(), 0
-    bar = tqdm(total=n * len(cfg.seeds), desc=f"generate {name}", unit="prompt", dynamic_ncols=True,
-               disable=None if cfg.progress else True)
+    desc = f"generate {name}" + (f" (rank 0 of {ctx.world_size})" if ctx.world_size > 1 else "")
+    bar = tqdm(total=len(indices) * len(cfg.seeds), desc=desc, unit="prompt", dynamic_ncols=True,
+               disable=None if (cfg.progress and ctx.rank == 0) else True)
     with bar:
         for seed in cfg.seeds:
             texts, lens, done = [], [], []
-            for k, start in enumerate(range(0, n, bs)):
+            for k, start, end in batches:
                 torch.manual_seed(seed_for(seed, k))
-                for ids, ended in sample_batch(model, prompt_ids[start:start + bs], gen_cfg, dev):
+                for ids, ended in sample_batch(model, prompt_ids[start:end], gen_cfg, dev):
                     texts.append(tok.decode(ids, skip_special_tokens=True))
                     lens.append(len(ids))
                     done.append(ended)
                     n_tokens += len(ids)
-                bar.update(min(bs, n - start))
+                bar.update(end - start)
                 bar.set_postfix(tok_per_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
             gens.texts.append(texts)
             gens.num_tokens.append(lens)
@@ -301,6 +271,42 @@ def generate(path: str, name: str, items: list[PromptItem], cfg: EvalConfig) -> 
     return gens
 
 
+def _generate_vllm(path: str, name: str, items: list[PromptItem], cfg: EvalConfig) -> ModelGenerations:
+    from transformers import AutoTokenizer
+
+    engine = VLLMEngine(path, cfg, cfg.tensor_parallel_size)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    messages, prompt_texts, prompt_ids = _render(tok, items, cfg)
+    indices = list(range(len(items)))
+    gens = ModelGenerations(name, str(path), prompt_texts, messages, indices, [], [], [], 0.0)
+    t0 = time.perf_counter()
+    for seed in cfg.seeds:
+        out = engine.generate(prompt_ids, indices, seed)
+        gens.texts.append([tok.decode(ids, skip_special_tokens=True) for ids, _ in out])
+        gens.num_tokens.append([len(ids) for ids, _ in out])
+        gens.finished.append([ended for _, ended in out])
+    gens.seconds = time.perf_counter() - t0
+    engine.close()
+    gc.collect()
+    return gens
+
+
+def merge_ranks(shares: list[ModelGenerations], n: int) -> ModelGenerations:
+    """The ranks' shares of one model in prompt order; every prompt exactly once (else a bug, not user input)."""
+    first = shares[0]
+    order = [(i, r, k) for r, g in enumerate(shares) for k, i in enumerate(g.indices)]
+    order.sort()
+    if [i for i, _, _ in order] != list(range(n)):
+        raise RuntimeError(f"ranks returned prompts {sorted(i for i, _, _ in order)[:10]}..., expected 0..{n - 1}")
+
+    def pick(field_name: str) -> list[list]:
+        per_rank = [getattr(g, field_name) for g in shares]
+        return [[per_rank[r][s][k] for _, r, k in order] for s in range(len(first.texts))]
+
+    return ModelGenerations(first.name, first.path, first.prompt_texts, first.prompt_messages, list(range(n)),
+                            pick("texts"), pick("num_tokens"), pick("finished"), max(g.seconds for g in shares))
+
+
 def _as_example(item: PromptItem):
     from megatron_var.data.adapters import Example
 
@@ -308,13 +314,6 @@ def _as_example(item: PromptItem):
 
 
 # ------------------------------------------------------------------------------------------- statistics
-
-
-def mean_se(per_seed: list[float]) -> tuple[float, float | None]:
-    """Mean of the per-seed means and its standard error std(ddof=1)/sqrt(n); SE is None for one seed."""
-    x = np.asarray(per_seed, dtype=np.float64)
-    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
-    return float(x.mean()), se
 
 
 def summarize(rewards_SN: np.ndarray, subsets: list[str]) -> dict:
@@ -339,32 +338,54 @@ def make_scorer(cfg: EvalConfig):
 
 
 def score_generations(scorer, gens: ModelGenerations, items: list[PromptItem], cfg: EvalConfig) -> np.ndarray:
-    """[S, N] rewards of one model's generations; non-finite scores are an error (they would poison the mean)."""
-    S, N = len(gens.texts), len(items)
-    flat = scorer(gens.prompt_texts * S, gens.prompt_messages * S, [t for texts in gens.texts for t in texts])
-    rewards_SN = np.asarray(flat, dtype=np.float64).reshape(S, N)
-    if not np.isfinite(rewards_SN).all():
-        s, i = np.argwhere(~np.isfinite(rewards_SN))[0].tolist()
-        raise ValueError(f"scorer returned {rewards_SN[s, i]} for model {gens.name}, seed {cfg.seeds[s]}, "
-                         f"prompt {items[i].where}")
-    return rewards_SN
+    """[S, K] rewards of the K generations in gens.indices; non-finite scores are an error (they would poison
+    the mean)."""
+    S, K = len(gens.texts), len(gens.indices)
+    p_txt = [gens.prompt_texts[i] for i in gens.indices] * S
+    p_msg = [gens.prompt_messages[i] for i in gens.indices] * S
+    flat = scorer(p_txt, p_msg, [t for texts in gens.texts for t in texts]) if K else []
+    rewards_SK = np.asarray(flat, dtype=np.float64).reshape(S, K)
+    if not np.isfinite(rewards_SK).all():
+        s, k = np.argwhere(~np.isfinite(rewards_SK))[0].tolist()
+        raise ValueError(f"scorer returned {rewards_SK[s, k]} for model {gens.name}, seed {cfg.seeds[s]}, "
+                         f"prompt {items[gens.indices[k]].where}")
+    return rewards_SK
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def evaluate(cfg: EvalConfig) -> dict | None:
     """Generate with every model, then score everything with one scorer (loaded once, after generation, so a
-    large policy and a large reward model never share the GPU). Returns the results dict written as JSON."""
-    if not cfg.progress:
+    large policy and a large reward model never share the GPU). Under torchrun every rank generates and scores
+    its share; rank 0 returns the results dict written as JSON, the other ranks None."""
+    ctx = DistContext.from_env()
+    try:
+        return _evaluate(cfg, ctx)
+    finally:
+        ctx.close()
+
+
+def _evaluate(cfg: EvalConfig, ctx: DistContext) -> dict | None:
+    if not cfg.progress or ctx.rank != 0:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" bars
+    engine = cfg.engine = resolve_engine(cfg.engine, ctx.world_size)  # the report records the one used
     items = load_prompts(cfg.prompts, cfg.max_prompts)
     subsets = [it.subset for it in items]
-    logger.info("%d prompts (%s)", len(items), dict(Counter(subsets)))
-    all_gens = [generate(path, name, items, cfg) for path, name in zip(cfg.models, cfg.labels())]
+    if ctx.rank == 0:
+        logger.info("%d prompts (%s), engine %s, %d rank(s)", len(items), dict(Counter(subsets)), engine,
+                    ctx.world_size)
+    local = [generate(path, name, items, cfg, ctx) for path, name in zip(cfg.models, cfg.labels())]
     scorer = make_scorer(cfg)
+    local_rewards = [score_generations(scorer, g, items, cfg) for g in local]
+    gathered = ctx.gather((local, local_rewards))
+    if gathered is None:
+        return None
     results, generations = [], []
-    for gens in all_gens:
-        rewards_SN = score_generations(scorer, gens, items, cfg)
+    for m in range(len(local)):
+        gens = merge_ranks([share[0][m] for share in gathered], len(items))
+        rewards_SN = np.zeros((len(cfg.seeds), len(items)))
+        for share_gens, share_rewards in ((share[0][m], share[1][m]) for share in gathered):
+            rewards_SN[:, share_gens.indices] = share_rewards
         tokens = np.asarray(gens.num_tokens, dtype=np.float64)
         res = {"name": gens.name, "path": gens.path, **summarize(rewards_SN, subsets),
                "response_tokens_mean": float(tokens.mean()), "eos_rate": float(np.mean(gens.finished)),
@@ -373,9 +394,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         for s, seed in enumerate(cfg.seeds):
             for i, it in enumerate(items):
                 generations.append({"model": gens.name, "seed": seed, "index": i, "subset": it.subset,
-                                    "prompt": gens.prompt_texts[i], "response": gens.texts[s][i],
+                                    "prompt": gens.prompt_texts[i], "messages": gens.prompt_messages[i],
+                                    "response": gens.texts[s][i], "reference": it.reference,
                                     "reward": float(rewards_SN[s, i]), "tokens": gens.num_tokens[s][i],
                                     "finished": gens.finished[s][i]})
     config = {k: v for k, v in vars(cfg).items() if k != "progress"}
-    return {"config": config, "scorer": scorer.identity, "n_prompts": len(items),
+    return {"config": config, "scorer": scorer.identity, "n_prompts": len(items), "world_size": ctx.world_size,
             "subsets": dict(Counter(subsets)), "results": results, "generations": generations}

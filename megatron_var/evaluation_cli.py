@@ -18,8 +18,15 @@ Sampling follows the VAR paper (temperature 0.8, top-p 0.9, top-k 50). Reports, 
 mean reward over --seeds with the standard error of the per-seed means.
 
 Prompt rows (JSONL[.gz], JSON, Parquet, CSV, save_to_disk dir): {"prompt": ...} | {"messages": [...]} (a final
-assistant turn is dropped) | HH-RLHF {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ..."} (first human turn);
-optional "subset" (default: the file name, or its folder for test/train files)."""
+assistant turn is the reference answer) | HH-RLHF {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ..."} (the whole
+conversation before the last assistant reply, which is the reference answer); optional "subset" (default: the
+file name, or its folder for test/train files). --save-generations keeps each prompt's messages and reference
+answer for tools/eval_winrate.py.
+
+Scale: --engine vllm (tensor-parallel over --tensor-parallel-size GPUs, one process) when vLLM is installed;
+else transformers, data-parallel under torchrun (each rank samples every WORLD_SIZE-th batch; rank 0 writes):
+  torchrun --nproc_per_node 8 tools/eval_reward.py --engine transformers --model ... --prompts ...
+Generations depend on model, prompts, --batch-size and seed, not on the number of ranks."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bf16 on GPU, fp32 on CPU")
-    g.add_argument("--device", help="e.g. cpu, cuda:0 (default: cuda if available)")
+    g.add_argument("--device", help="e.g. cpu, cuda:0 (default: cuda:LOCAL_RANK if available)")
+    g.add_argument("--engine", default="auto", choices=("auto", "transformers", "vllm"),
+                   help="auto: vllm if installed, on GPU, without torchrun; else transformers")
+    g.add_argument("--tensor-parallel-size", type=int, help="vLLM only (default: all visible GPUs)")
     g = p.add_argument_group("output")
     g.add_argument("--output", metavar="JSON", help="write all results here")
     g.add_argument("--save-generations", metavar="JSONL", help="write every generation with its reward here")
@@ -107,9 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         template=a.template, raw_template=a.raw_template, system_prompt=a.system_prompt, seeds=a.seeds,
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens,
         batch_size=a.batch_size, max_prompts=a.max_prompts, rm_batch_size=a.rm_batch_size,
-        rm_max_length=a.rm_max_length, dtype=a.dtype, device=a.device, progress=not a.no_progress,
+        rm_max_length=a.rm_max_length, dtype=a.dtype, device=a.device, engine=a.engine,
+        tensor_parallel_size=a.tensor_parallel_size, progress=not a.no_progress,
     )
     report = evaluate(cfg)
+    if report is None:  # not rank 0: rank 0 gathered this rank's share and writes the outputs
+        return 0
     generations = report.pop("generations")
     print_table(report)
     if a.output:

@@ -10,9 +10,11 @@ DESCRIPTION = """\
 Score every group of a prepared data directory: the [B,B] matrix r(x_i, y_j) for all prompts i and responses j
 of the group, written as rewards-XXXXX.parquet next to each shard-XXXXX.parquet.
 
-Data-parallel: under torchrun, rank r scores shards r::WORLD_SIZE (no process group needed), e.g.
+Data-parallel by group: every shard is cut into chunks of --groups-per-chunk groups and rank r scores chunks
+r::WORLD_SIZE of all shards (no process group needed), so all GPUs work even on a one-shard data set, e.g.
   torchrun --nproc_per_node 8 tools/score_rewards.py --data DIR --reward-model RM_DIR
-Resumable: shards with a rewards file are skipped unless --overwrite."""
+The rewards file of a shard is written once all its chunks are scored; the result does not depend on the number
+of ranks. Resumable: shards with a rewards file, and chunks already scored, are skipped unless --overwrite."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reward-model dtype; auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--on-bad-score", default="error", choices=("error", "skip"),
                    help="NaN/inf score: stop with an error (default) or leave the group out and count it")
+    p.add_argument("--groups-per-chunk", type=int, default=16,
+                   help="groups per unit of work (split over ranks, resumed, one scorer call; default 16)")
     p.add_argument("--overwrite", action="store_true", help="re-score shards that already have rewards")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -43,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ScoreConfig(
         data=args.data, split=args.split, reward_model=args.reward_model, reward_fn=args.reward_fn,
         batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype, overwrite=args.overwrite,
-        on_bad_score=args.on_bad_score, progress=not args.no_progress,
+        on_bad_score=args.on_bad_score, groups_per_chunk=args.groups_per_chunk, progress=not args.no_progress,
     )
     s = score_rewards(cfg)
     rate = s.pairs / s.seconds if s.seconds else 0.0
     print(f"rank {cfg.rank}/{cfg.world_size}: shards {s.shards_total} (already done {s.shards_done_before}, "
-          f"scored {s.shards_scored}), groups scored {s.groups_scored}, groups left out (bad score) "
+          f"written by this rank {s.shards_scored}), chunks {s.chunks_total} (already done {s.chunks_done_before}), "
+          f"groups scored {s.groups_scored}, groups left out (bad score) "
           f"{s.groups_bad}, {s.pairs} pairs in {s.seconds:.1f} s ({rate:.1f} pairs/s)")
     return 0

@@ -114,10 +114,14 @@ def test_prompt_formats_and_subsets(tmp_path):
     ]) + "\n")
     items = load_prompts([str(hh), str(mixed)])
     assert [it.subset for it in items] == ["helpful-base", "s1", "mine"]
-    assert items[0].messages == [{"role": "user", "content": "Hi there"}]  # the first human turn
+    # the whole conversation before the last assistant reply; that reply is the reference answer
+    assert items[0].messages == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                                 {"role": "user", "content": "More?"}]
+    assert items[0].reference == "Ok"
     assert items[1].messages == [{"role": "system", "content": "Be brief."},
                                  {"role": "user", "content": "List 2 fruits."}]
-    assert items[2].messages == [{"role": "user", "content": "Q"}]  # the reference answer is dropped
+    assert items[2].messages == [{"role": "user", "content": "Q"}] and items[2].reference == "A"
+    assert items[1].reference is None
     assert len(load_prompts([str(mixed)], max_prompts=1)) == 1
 
 

@@ -137,27 +137,79 @@ def test_reward_fn_module_and_path(root, data, monkeypatch):
         score_rewards(ScoreConfig(data=str(data), reward_fn=f"{root / 'rfn.py'}:nope", overwrite=True, progress=False))
 
 
-def test_resume_skips_finished_shards_and_ranks_partition(root, data):
+def _reward_files(data_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(data_dir)): p.read_bytes() for p in sorted(data_dir.rglob("rewards-*.parquet"))}
+
+
+def test_ranks_split_by_group_identical_to_one_rank_and_resume(root, data, tmp_path):
     fn = f"{root / 'rfn.py'}:score"
     shards = list_shards(data / "train") + list_shards(data / "valid")
-    assert len(shards) >= 3
-    # two "ranks" without a process group: together they score every shard exactly once
-    s0 = score_rewards(ScoreConfig(data=str(data), reward_fn=fn, rank=0, world_size=2, progress=False))
-    assert all(rewards_path_for(s).exists() == (k % 2 == 0) for k, s in enumerate(shards))
-    s1 = score_rewards(ScoreConfig(data=str(data), reward_fn=fn, rank=1, world_size=2, progress=False))
-    assert s0.shards_scored + s1.shards_scored == len(shards)
+    n_groups = sum(len(GroupDataset(data, sp)) for sp in ("train", "valid"))
+    assert len(shards) >= 3 and n_groups > len(shards)  # several groups per shard: chunks cut across shards
+    one = tmp_path / "one"
+    shutil.copytree(data, one)
+    s = score_rewards(ScoreConfig(data=str(one), reward_fn=fn, groups_per_chunk=2, progress=False))
+    assert s.groups_scored == n_groups and s.shards_scored == len(shards)
+    reference = _reward_files(one)
+    assert len(reference) == len(shards)
+    # two "ranks" one after the other: rank 0 alone writes parts but cannot finish a shard it shares with rank 1
+    s0 = score_rewards(ScoreConfig(data=str(data), reward_fn=fn, groups_per_chunk=2, rank=0, world_size=2,
+                                   progress=False))
+    s1 = score_rewards(ScoreConfig(data=str(data), reward_fn=fn, groups_per_chunk=2, rank=1, world_size=2,
+                                   progress=False))
+    assert s0.chunks_scored > 0 and s1.chunks_scored > 0 and s0.groups_scored + s1.groups_scored == n_groups
+    assert abs(s0.chunks_total - s1.chunks_total) <= 1
+    assert s1.shards_scored > 0 and s0.shards_scored + s1.shards_scored == len(shards)
+    assert _reward_files(data) == reference  # byte-identical to the one-rank run
+    assert not list(data.rglob("*.parts-*")) and not list(data.rglob("*.tmp-*"))
+    # resume: an interrupted 2-rank run (only rank 0 finished) is completed by a 1-rank run, chunk by chunk
+    shutil.rmtree(data)
+    shutil.copytree(root / "data", data)
+    s0 = score_rewards(ScoreConfig(data=str(data), reward_fn=fn, groups_per_chunk=2, rank=0, world_size=2,
+                                   progress=False))
+    parts = list(data.rglob("groups-*.parquet"))
+    assert len(parts) > 0
+    s = score_rewards(ScoreConfig(data=str(data), reward_fn=fn, groups_per_chunk=2, progress=False))
+    assert s.chunks_done_before == len(parts) and s.groups_scored == n_groups - s0.groups_scored
+    assert _reward_files(data) == reference
+    # negative control: another scorer gives other files, so the equality above is not vacuous
+    other = tmp_path / "other"
+    shutil.copytree(root / "data", other)
+    score_rewards(ScoreConfig(data=str(other), reward_fn=f"{root / 'rfn.py'}:nan_for_r3", on_bad_score="skip",
+                              groups_per_chunk=2, progress=False))
+    assert _reward_files(other) != reference
+    # finished shards are skipped; a removed rewards file is re-scored alone
     mtimes = {s: rewards_path_for(s).stat().st_mtime_ns for s in shards}
     os.remove(rewards_path_for(shards[1]))
     s = score_rewards(ScoreConfig(data=str(data), reward_fn=fn, progress=False))
     assert s.shards_done_before == len(shards) - 1 and s.shards_scored == 1
-    for sh in shards:
-        if sh != shards[1]:
-            assert rewards_path_for(sh).stat().st_mtime_ns == mtimes[sh]
+    assert all(rewards_path_for(sh).stat().st_mtime_ns == mtimes[sh] for sh in shards if sh != shards[1])
+    assert _reward_files(data) == reference
     with pytest.raises(ValueError, match="scored with"):  # resuming with another scorer would mix matrices
         os.remove(rewards_path_for(shards[0]))
         score_rewards(ScoreConfig(data=str(data), reward_fn=f"{root / 'rfn.py'}:nan_for_r3", progress=False))
     s = score_rewards(ScoreConfig(data=str(data), reward_fn=fn, overwrite=True, progress=False))
     assert s.shards_scored == len(shards) and not list(data.rglob("*.tmp-*"))
+
+
+def test_two_concurrent_ranks_share_a_single_shard(root, tmp_path):
+    """Two real processes (RANK/WORLD_SIZE as torchrun sets them) on a one-shard data set: both score groups."""
+    run_prepare([root / "in.jsonl"], tmp_path / "one", root / "tok", group_size=B, valid_fraction=0.0,
+                shard_size=1000)
+    assert len(list_shards(tmp_path / "one" / "train")) == 1
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    score_rewards(ScoreConfig(data=str(tmp_path / "one"), reward_fn=f"{root / 'rfn.py'}:score", groups_per_chunk=3,
+                              progress=False))
+    cmd = [sys.executable, str(REPO / "tools" / "score_rewards.py"), "--data", str(tmp_path / "two"),
+           "--reward-fn", f"{root / 'rfn.py'}:score", "--groups-per-chunk", "3", "--no-progress"]
+    env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    for rank, (stdout, _) in enumerate(outs):  # 10 groups in chunks of 3: 4 chunks, 2 per rank
+        assert f"rank {rank}/2:" in stdout and "chunks 2 (already done 0)" in stdout, stdout
+    assert _reward_files(tmp_path / "two") == _reward_files(tmp_path / "one") != {}
 
 
 def test_non_finite_scores_error_or_skip(root, data):
