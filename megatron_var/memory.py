@@ -371,3 +371,11 @@ def estimate(arch: ModelArch, layout: Layout, work: Workload, prec: Precision) -
     if prec.ref == "cached" and has_ref:
         best.notes.append("reference cached: the reference phase runs once, before training (cache build)")
     return best
+
+
+if __name__ == "__main__":
+    import sys
+
+    from megatron_var.memory_cli import main
+
+    sys.exit(main())
