@@ -49,6 +49,7 @@ def measure(cfg: dict, warm_up: bool = False) -> dict:
 
     parallel.seed_everything(1)
     arch = ModelArch(**cfg["arch"])
+    pc = parallel.ParallelConfig(cfg.get("tp", 1), sequence_parallel=cfg.get("sp", False))
     opts = ModelOptions(params_dtype="fp32", transformer_impl="local", recompute_activations=cfg["recompute"],
                         seq_length=cfg["prompt_length"] + cfg["group_size"] * cfg["response_length"])
     g = torch.Generator().manual_seed(0)
@@ -65,16 +66,17 @@ def measure(cfg: dict, warm_up: bool = False) -> dict:
         base = _status("VmRSS")
         _reset_peak()
 
-    model = wrap_ddp(build_model_chunks(arch, parallel.ParallelConfig(), opts), OptimConfig(lr=1e-4))
+    model = wrap_ddp(build_model_chunks(arch, pc, opts), OptimConfig(lr=1e-4))
     optimizer = build_optimizer(model, OptimConfig(lr=1e-4))
-    ref = FrozenReference(build_model_chunks(arch, parallel.ParallelConfig(), opts), arch.vocab_size, 0)
+    pad = pc.tensor_model_parallel_size if pc.sequence_parallel else 1
+    ref = FrozenReference(build_model_chunks(arch, pc, opts), arch.vocab_size, 0, pad_to_multiple_of=pad)
     step = make_forward_step(sft_reduce, arch.vocab_size)
 
     def reference_pass():
         ref.score_cross_pairs([gr.prompt_ids for gr in groups], [gr.response_ids for gr in groups])
 
     def policy_step():
-        batch = B.policy_microbatch(groups, 0)
+        batch = B.policy_microbatch(groups, 0, pad)
         run_schedule(step, [batch], model, forward_only=False, seq_length=batch["tokens"].size(1),
                      micro_batch_size=batch["tokens"].size(0))
         optimizer.step()
@@ -95,19 +97,20 @@ def measure(cfg: dict, warm_up: bool = False) -> dict:
 
 
 def main(cfgs: list[dict]) -> list[dict]:
+    """Every configuration in one process (under torchrun: one layout for all, each rank measures itself)."""
     import torch
 
     from megatron_var import parallel
 
     torch.set_num_threads(1)
     parallel.init_distributed()
-    parallel.init_model_parallel(parallel.ParallelConfig())
+    parallel.init_model_parallel(parallel.ParallelConfig(cfgs[0].get("tp", 1), sequence_parallel=cfgs[0].get("sp", False)))
     tiny = dict(family="llama", num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                 num_query_groups=2, kv_channels=16, vocab_size=256, max_position_embeddings=256)
-    measure(dict(arch=tiny, micro_batch_size=1, group_size=2, prompt_length=8, response_length=8, recompute=True),
-            warm_up=True)
-    measure(dict(arch=tiny, micro_batch_size=1, group_size=2, prompt_length=8, response_length=8, recompute=False),
-            warm_up=True)
+    layout = dict(tp=cfgs[0].get("tp", 1), sp=cfgs[0].get("sp", False))
+    for recompute in (True, False):
+        measure(dict(arch=tiny, micro_batch_size=1, group_size=2, prompt_length=8, response_length=8,
+                     recompute=recompute, **layout), warm_up=True)
     out = []
     for cfg in cfgs:
         out.append(measure(cfg))
@@ -116,4 +119,8 @@ def main(cfgs: list[dict]) -> list[dict]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(json.loads(sys.argv[1]))))
+    import os
+
+    result = main(json.loads(sys.argv[1]))
+    print(("rank%s " % os.environ["RANK"] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "") + json.dumps(result),
+          flush=True)

@@ -79,22 +79,31 @@ CASES = [  # micro-batch (groups), P, R, full recompute; B = 4
 ]
 
 
-def _cpu_estimate(mbs, p, r, recompute):
-    return estimate(ModelArch(**TINY), Layout(),
+def _cpu_estimate(mbs, p, r, recompute, tp=1):
+    return estimate(ModelArch(**TINY), Layout(tp, sequence_parallel=tp > 1),
                     Workload("var", 4, mbs, p, r, num_microbatches=1),
                     Precision(params_dtype="fp32", recompute_granularity="full" if recompute else "none",
                               transformer_impl="local", fused_kernels=False, flex_attention=False, overhead_gib=0))
 
 
-def test_estimate_matches_measured_cpu_peaks():
-    cfgs = [dict(arch=TINY, micro_batch_size=m, group_size=4, prompt_length=p, response_length=r, recompute=rc)
-            for m, p, r, rc in CASES]
+def _probe(cases, tp=1) -> list[list[dict]]:
+    """Measured peaks per rank (tests/unit/memory_probe.py in a fresh process; torchrun for TP > 1)."""
+    cfgs = [dict(arch=TINY, micro_batch_size=m, group_size=4, prompt_length=p, response_length=r, recompute=rc,
+                 tp=tp, sp=tp > 1) for m, p, r, rc in cases]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-    out = subprocess.run([sys.executable, str(ROOT / "tests/unit/memory_probe.py"), json.dumps(cfgs)], env=env,
+    launcher = [sys.executable] if tp == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node", str(tp)]
+    out = subprocess.run(launcher + [str(ROOT / "tests/unit/memory_probe.py"), json.dumps(cfgs)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("[", "rank"))]
+    assert len(lines) == tp, out.stdout
+    return [json.loads(ln.split(" ", 1)[-1] if ln.startswith("rank") else ln) for ln in lines]
+
+
+def test_estimate_matches_measured_cpu_peaks():
+    (measured,) = _probe(CASES)
     mib = 2 ** 20
     rows = []
     for case, m in zip(CASES, measured):
@@ -115,6 +124,24 @@ def test_estimate_matches_measured_cpu_peaks():
     # reference's shared-prefix rows grow with B·R
     assert rows[2][2]["policy_peak"] < rows[0][2]["policy_peak"]
     assert rows[2][2]["reference_peak"] > rows[0][2]["reference_peak"]
+
+
+def test_estimate_matches_measured_cpu_peaks_tp2_sequence_parallel():
+    """The /TP and sequence-parallel terms: two gloo ranks, each measuring its own peaks."""
+    cases = [(1, 64, 64, False), (1, 128, 128, True)]
+    per_rank = _probe(cases, tp=2)
+    mib = 2 ** 20
+    for rank, measured in enumerate(per_rank):
+        for case, m in zip(cases, measured):
+            est = _cpu_estimate(*case, tp=2)
+            c = est.components
+            persistent = c["weights"] + c["grads"] + c["optimizer"]
+            pred = {"static": persistent + c["reference"], "reference_peak": persistent + est.reference_phase,
+                    "policy_peak": persistent + est.policy_phase}
+            print(f"TP2+SP rank {rank} {case}: " + ", ".join(
+                f"{k} predicted {pred[k] / mib:.1f} MiB measured {m[k] / mib:.1f} MiB" for k in pred))
+            for k in pred:
+                assert abs(pred[k] - m[k]) <= 0.20 * m[k], (rank, case, k, pred[k] / mib, m[k] / mib)
 
 
 # ---- hand-computed reference and negative control -------------------------------------------------------------
