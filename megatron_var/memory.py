@@ -201,8 +201,9 @@ class Estimate:
         if gpu_gib is not None:
             budget = gpu_gib * (1.0 - margin)
             verdict = "FITS" if self.fits(gpu_gib, margin) else "DOES NOT FIT"
+            headroom = budget - self.total / GIB
             lines.append(f"{verdict}: {self.total / GIB:.1f} GiB of {gpu_gib:g} GiB "
-                         f"(limit {budget:.1f} GiB with {margin:.0%} margin; headroom {budget - self.total / GIB:+.1f} GiB)")
+                         f"(limit {budget:.1f} GiB with {margin:.0%} margin; headroom {headroom:+.1f} GiB)")
         return "\n".join(lines)
 
 

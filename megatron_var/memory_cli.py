@@ -159,9 +159,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    vpp = layout.virtual_pipeline_model_parallel_size
     print(f"model: {arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}, vocab {arch.padded_vocab_size}"
           f" | TP {layout.tensor_model_parallel_size} PP {layout.pipeline_model_parallel_size}"
-          f"{' VPP %d' % layout.virtual_pipeline_model_parallel_size if layout.virtual_pipeline_model_parallel_size else ''}"
+          f"{f' VPP {vpp}' if vpp else ''}"
           f" DP {layout.data_parallel_size}{' SP' if layout.sequence_parallel else ''} | {work.objective}, "
           f"B={work.group_size}, micro-batch {work.micro_batch_size} group(s), P={work.prompt_length} "
           f"R={work.response_length} | {prec.params_dtype}, recompute {prec.recompute_granularity}, "

@@ -104,10 +104,11 @@ def main(cfgs: list[dict]) -> list[dict]:
 
     torch.set_num_threads(1)
     parallel.init_distributed()
-    parallel.init_model_parallel(parallel.ParallelConfig(cfgs[0].get("tp", 1), sequence_parallel=cfgs[0].get("sp", False)))
+    tp, sp = cfgs[0].get("tp", 1), cfgs[0].get("sp", False)
+    parallel.init_model_parallel(parallel.ParallelConfig(tp, sequence_parallel=sp))
     tiny = dict(family="llama", num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                 num_query_groups=2, kv_channels=16, vocab_size=256, max_position_embeddings=256)
-    layout = dict(tp=cfgs[0].get("tp", 1), sp=cfgs[0].get("sp", False))
+    layout = dict(tp=tp, sp=sp)
     for recompute in (True, False):
         measure(dict(arch=tiny, micro_batch_size=1, group_size=2, prompt_length=8, response_length=8,
                      recompute=recompute, **layout), warm_up=True)
