@@ -7,14 +7,11 @@ the policy has moved and the gap at step 2 is large, so the metric does not comp
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 
-from megatron_var.data.groups import FORMAT_VERSION, REWARD_SCHEMA
-from megatron_var.data.writer import Sample, write_split
 from megatron_var.models.gpt import ModelOptions
+from megatron_var.synthetic_data import write_random_groups
 from megatron_var.training.engine import OptimConfig
 from megatron_var.training.loop import TrainConfig, Trainer
 
@@ -25,22 +22,7 @@ STEP1_TOL = 1e-6
 
 
 def _write_data(root: Path) -> Path:
-    """A prepared data directory of GROUPS random groups of B (prompt, response) pairs with reward matrices."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rng = np.random.default_rng(0)
-    tok = lambda lo, hi: rng.integers(1, LLAMA.vocab_size, rng.integers(lo, hi)).astype(np.int32)
-    groups = [[Sample(tok(3, 9), tok(2, 7), "", "[]", "") for _ in range(B)] for _ in range(GROUPS)]
-    data = root / "data"
-    write_split(data / "train", groups, 0, shard_size=GROUPS)
-    rewards = rng.normal(size=(GROUPS, B * B)).astype(np.float32)
-    pq.write_table(pa.Table.from_arrays(
-        [pa.array(np.arange(GROUPS, dtype=np.int64)),
-         pa.ListArray.from_arrays(pa.array(np.arange(GROUPS + 1, dtype=np.int32) * B * B), pa.array(rewards.ravel()))],
-        schema=REWARD_SCHEMA), data / "train" / "rewards-00000.parquet")
-    (data / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "group_size": B,
-                                                "splits": {"train": {"groups": GROUPS}}}))
+    write_random_groups(root / "data", LLAMA.vocab_size, GROUPS, B)
     LLAMA.save(root / "model_arch.json")
     return root
 
