@@ -41,6 +41,9 @@ def run_part(name: str, out: Path, dry_run: bool, limit: float, cmd: Optional[li
             rc, timed_out = proc.wait(), True
     path = out / f"{name}.json"
     result = json.loads(path.read_text()) if path.exists() else {}
+    metrics = out / "train_run" / "save" / "metrics.jsonl"  # the training part's per-step log, kept if cut short
+    if name == "train" and not result and metrics.exists():
+        result["metrics_so_far"] = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     result.update(rc=rc, timed_out=timed_out, wall_s=round(time.time() - t0, 1), limit_s=limit,
                   log=str(out / f"{name}.log"))
     result["ok"] = bool(result.get("ok")) and rc == 0 and not timed_out
