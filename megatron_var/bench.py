@@ -64,6 +64,12 @@ PRESETS = {
                        rope_theta=10000.0, tie_word_embeddings=True),
         micro_batch=2, seq_length=256, group_size=8, prompt_len=64, response_len=32, matmul_n=512, warmup=2,
         iters=7),
+    "micro": Preset(  # bench/gpu_check.sh --dry-run: the code path end to end in seconds, numbers meaningless
+        arch=ModelArch(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                       num_query_groups=2, kv_channels=16, vocab_size=256, max_position_embeddings=256,
+                       rope_theta=10000.0, tie_word_embeddings=True),
+        micro_batch=2, seq_length=64, group_size=4, prompt_len=16, response_len=8, matmul_n=128, warmup=0,
+        iters=1),
     "llama3.2-1b": Preset(
         arch=ModelArch(family="llama", num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
                        num_query_groups=8, kv_channels=64, vocab_size=128256, max_position_embeddings=131072,

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-activations", action="store_true")
     g.add_argument("--no-flex-attention", dest="flex_attention", action="store_false",
                    help="score shared-prefix cross pairs with dense masked SDPA instead of FlexAttention block masks "
-                        "(FlexAttention is used only with CUDA and the local spec)")
+                        "(FlexAttention is used only with CUDA, with either --transformer-impl)")
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--eval-interval", type=int, help="validate on the held-out split every N iterations")

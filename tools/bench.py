@@ -4,6 +4,7 @@ shared prefix (dense / FlexAttention), VAR step vs SFT step. Prints JSON and wri
 
     python tools/bench.py --preset tiny             # CPU, seconds
     python tools/bench.py --preset llama3.2-1b      # one GPU
+    python tools/bench.py --preset micro            # seconds: the GPU check's dry run (bench/gpu_check.sh)
 
 Logic in megatron_var/bench.py (orchestration, presets) and megatron_var/bench_steps.py (measurements).
 """

@@ -19,7 +19,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_var.models import specs
 from megatron_var.models.arch import ModelArch
-from megatron_var.models.segment_mask import SegmentMask
+from megatron_var.models import mask_guard
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ class ModelOptions:
     transformer_impl: str = "auto"
     """'auto' (TE when importable and CUDA present) | 'te' | 'local' (local spec + SDPA core attention)."""
     flex_attention: bool = False
-    """FlexAttention (BlockMask) for segment-masked batches (shared-prefix cross pairs) on GPU; without CUDA, or
-    with TE, those batches use a dense mask. Causal batches always use SDPA (or TE)."""
+    """FlexAttention (BlockMask) for segment-masked batches (shared-prefix cross pairs) on GPU, with either layer
+    implementation; without CUDA those batches use a dense mask. Causal batches always use SDPA."""
     recompute_activations: bool = False
     """Selective -> full-layer recomputation of every layer (saves activation memory, costs a forward)."""
     attention_dropout: float = 0.0
@@ -52,18 +52,13 @@ class ModelOptions:
 class PositionalGPTModel(GPTModel):
     """GPTModel whose RoPE follows ``position_ids`` when they are given ([b, s] long).
 
-    ``attention_mask`` may also be a ``SegmentMask`` (compact shared-prefix mask); core attentions that do not
-    read it (Transformer Engine) get the equivalent dense bool mask instead.
+    ``attention_mask`` may also be a ``SegmentMask`` (compact shared-prefix mask). Any core attention that does not
+    declare that it applies masks refuses one (``models.mask_guard``) instead of silently computing causal attention.
     """
 
-    takes_segment_masks: bool = True
-    """False when the core attention needs a dense mask (set by build_model_chunks)."""
-
-    def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
-        if isinstance(attention_mask, SegmentMask) and not self.takes_segment_masks:
-            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-            attention_mask = attention_mask.dense(device)
-        return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        mask_guard.guard(self)
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
@@ -133,7 +128,7 @@ def build_model_chunks(arch: ModelArch, parallel, options: ModelOptions) -> list
                       parallel.virtual_pipeline_model_parallel_size)
     config = transformer_config(arch, parallel, options)
     backend = specs.choose_backend(options.transformer_impl)
-    flex = backend == "local" and specs.use_flex_attention(options.flex_attention)
+    flex = specs.use_flex_attention(options.flex_attention)
     vpp = parallel.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -153,7 +148,6 @@ def build_model_chunks(arch: ModelArch, parallel, options: ModelOptions) -> list
             rope_scaling_factor=arch.rope_scaling_factor or 8.0,
             vp_stage=stage,
         )
-        model.takes_segment_masks = backend == "local"
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

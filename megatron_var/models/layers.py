@@ -5,6 +5,7 @@ Why: the plain local spec materialises the [b·heads, s, s] score matrix (16k to
 ``torch.nn.functional.scaled_dot_product_attention`` (44.7k tokens/s) and an RMSNorm that marks its weight as
 sequence-parallel fix both while keeping megatron's module structure and checkpoint keys. ``FlexCoreAttention``
 adds a FlexAttention BlockMask path for the shared-prefix cross-pair mask (the frozen reference's batches on GPU).
+The Transformer Engine spec uses these core attentions too (``specs.layer_spec``): TE's would drop the mask.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class SDPACoreAttention(DotProductAttention):
     (megatron's convention); or a ``SegmentMask`` (the shared-prefix cross-pair mask in compact form), which this
     class expands to the dense bool mask once per micro-batch (cached on the mask object).
     """
+
+    applies_segment_masks = True
+    """Declared for ``models.mask_guard``: a given mask (dense or ``SegmentMask``) is always applied."""
 
     def forward(
         self,

@@ -57,31 +57,39 @@ def use_flex_attention(requested: bool, *, cuda_available: Optional[bool] = None
 
 
 def layer_spec(backend: str, *, config, vp_stage: Optional[int] = None, flex_attention: bool = False) -> object:
-    """The decoder spec for ``backend`` ('te' | 'local'); local = megatron's local spec with our SDPA attention
-    (FlexAttention for segment-masked batches when ``flex_attention``) and sequence-parallel-capable RMSNorm
-    (per layer and for the final norm)."""
+    """The decoder spec for ``backend`` ('te' | 'local'), core attention always ours: SDPA (causal / dense mask),
+    FlexAttention for segment-masked batches when ``flex_attention``.
+
+    te: megatron's TE spec (fused layer-norm + linear, TE linears) with its ``TEDotProductAttention`` replaced —
+    the spec gives it ``attn_mask_type=causal``, for which TE ignores ``attention_mask``, so shared-prefix scoring
+    would silently run causal (``models/mask_guard.py``). local: megatron's local spec with our core attention and
+    a sequence-parallel-capable RMSNorm (per layer and for the final norm).
+    """
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    if backend == "te":
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
     from megatron_var.models.layers import FlexCoreAttention, RMSNorm, SDPACoreAttention
 
+    core = FlexCoreAttention if flex_attention else SDPACoreAttention
+    if backend == "te":
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+        spec.submodules.self_attention.submodules.core_attention = core
+        return spec
     spec = specs.get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
     sub = spec.submodules
     sub.input_layernorm = RMSNorm
     sub.pre_mlp_layernorm = RMSNorm
     attn = sub.self_attention.submodules
-    attn.core_attention = FlexCoreAttention if flex_attention else SDPACoreAttention
+    attn.core_attention = core
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
 
 
 def describe(spec) -> str:
     """Short name of a built spec for logs."""
-    if isinstance(spec, ModuleSpec):
-        return "transformer_engine"
     from megatron_var.models.layers import FlexCoreAttention
 
-    core = spec.layer_specs[0].submodules.self_attention.submodules.core_attention
-    return "local+sdpa+flex" if core is FlexCoreAttention else "local+sdpa"
+    layer = spec if isinstance(spec, ModuleSpec) else spec.layer_specs[0]
+    core = layer.submodules.self_attention.submodules.core_attention
+    name = "transformer_engine+sdpa" if isinstance(spec, ModuleSpec) else "local+sdpa"
+    return name + "+flex" if core is FlexCoreAttention else name

@@ -124,10 +124,13 @@ def run_schedule(forward_step: Callable, microbatches: list, model: list[torch.n
 
 
 def sum_reports(reports: Iterable[dict], keys: Optional[Iterable[str]] = None) -> dict[str, float]:
-    """Add up per-micro-batch report values (tensors or floats) by key."""
+    """Add up per-micro-batch report values (tensors or floats) by key; non-scalar tensors (per-sample values)
+    are not sums and are skipped."""
     out: dict[str, float] = {}
     for r in reports:
         for k, v in r.items():
+            if torch.is_tensor(v) and v.numel() != 1:
+                continue
             if keys is None or k in keys:
                 out[k] = out.get(k, 0.0) + float(v)
     return out

@@ -34,6 +34,7 @@ from megatron_var.parallel import ParallelConfig
 from megatron_var.reference import FrozenReference
 from megatron_var.training import batches as B
 from megatron_var.training import checkpointing as ckpt
+from megatron_var.training import ref_gap
 from megatron_var.training.logging_sinks import MetricSinks
 from megatron_var.training.engine import OptimConfig, build_optimizer, run_schedule, sum_reports, wrap_ddp
 from megatron_var.training.objective_steps import dpo_reduce, var_reduce
@@ -230,8 +231,9 @@ class Trainer:
                 w = var_weights(ref_bb, rewards, cfg.var_lambda)  # [G, B]
                 extra = var_metrics(ref_bb, rewards, cfg.var_lambda, w)
                 per_micro = w.split([len(mg) for mg in micro])
-                for b, wm in zip(batches, per_micro):
-                    b["weights"] = wm.reshape(-1)
+                diag = torch.diagonal(ref_bb, dim1=1, dim2=2).split([len(mg) for mg in micro])
+                for b, wm, dm in zip(batches, per_micro, diag):
+                    b["weights"], b["ref_diag"] = wm.reshape(-1), dm.reshape(-1)
         elif cfg.objective == "dpo":
             vecs = self._cached(groups) if self.ref_cache is not None else \
                 self.ref.score_diagonal(prompts, responses, cfg.logp_reduction)
@@ -256,7 +258,9 @@ class Trainer:
         reports = run_schedule(make_forward_step(reduce_fn, self.arch.vocab_size), batches, self.model,
                                forward_only=forward_only, seq_length=max(b["tokens"].size(1) for b in batches),
                                micro_batch_size=batches[0]["tokens"].size(0))
-        return _global_stats(sum_reports(reports), extra, tokens), t0
+        gap = ref_gap.pop_global_gap(reports) if cfg.objective == "var" else None
+        stats = _global_stats(sum_reports(reports), extra, tokens)
+        return (stats if gap is None else dict(stats, **{ref_gap.KEY: gap})), t0
 
     def _cached(self, groups: list) -> Optional[list[torch.Tensor]]:
         """The reference cache's values for ``groups``, where online scoring would return them (last PP stage)."""
@@ -267,6 +271,8 @@ class Trainer:
         idx = B.step_groups(len(self.data), cfg.seed, self.consumed, cfg.global_batch_size,
                             parallel_state.get_data_parallel_rank(), self.dp)
         stats, t0 = self._run([self.data[k] for k in idx], forward_only=False)
+        if self.iteration == 0 and not self.cfg.ref_load and dist.get_rank() == 0:  # ref = the start weights
+            ref_gap.check_identity(stats.get(ref_gap.KEY), self.model[0].config.params_dtype)
         loss = stats["loss_sum"] / max(stats["units"], 1.0)
         if not math.isfinite(loss):
             self.nan_skips += 1
@@ -366,7 +372,11 @@ class Trainer:
 def _global_stats(summed: dict, extra: dict, tokens: int) -> dict:
     """Sum loss/units/metric sums over the last-stage ranks of all DP replicas (TP rank 0), tokens over DP."""
     holder = _is_last_stage_holder() and parallel_state.get_tensor_model_parallel_rank() == 0
-    keys = sorted(set(summed) | set(extra))
+    # only the last pipeline stage has reports and metrics: agree on the keys, or the all_reduce sizes differ
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (sorted(summed), sorted(extra)))
+    extra_keys = set().union(*(e for _, e in seen))
+    keys = sorted(set().union(*(s for s, _ in seen)) | extra_keys)
     vals = [summed.get(k, 0.0) + (extra.get(k, 0.0) if holder else 0.0) if holder else 0.0 for k in keys]
     first_mp = parallel_state.get_tensor_model_parallel_rank() == 0 and \
         parallel_state.is_pipeline_first_stage(ignore_virtual=True)
@@ -374,7 +384,7 @@ def _global_stats(summed: dict, extra: dict, tokens: int) -> dict:
     dist.all_reduce(t)
     out = dict(zip(keys, t[:-2].tolist()))
     n_holders = max(t[-2].item(), 1.0)
-    for k in extra:  # VAR metrics are means per DP replica: average them
+    for k in extra_keys:  # VAR metrics are means per DP replica: average them
         out[k] = out[k] / n_holders
     units = max(out.get("units", 1.0), 1.0)
     for k in list(out):

@@ -12,6 +12,7 @@ import torch
 
 from megatron_var.objectives.dpo import dpo_loss
 from megatron_var.objectives.var import var_loss_sum
+from megatron_var.training import ref_gap
 
 
 def _units(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -25,8 +26,11 @@ def var_reduce(reduction: str = "sum"):
         seq_logps = batch["cross"].reduce(token_logps, reduction)  # [G*B]
         weights = batch["weights"].to(seq_logps.device)
         loss_sum, count = var_loss_sum(seq_logps, weights)
-        return loss_sum, count, {"loss_sum": loss_sum.detach().clone(), "units": count.clone(),
-                                 "policy_logp_sum": seq_logps.detach().sum()}
+        report = {"loss_sum": loss_sum.detach().clone(), "units": count.clone(),
+                  "policy_logp_sum": seq_logps.detach().sum()}
+        if "ref_diag" in batch:  # log pi_ref(y_i|x_i) of the same pairs: see training/ref_gap.py
+            report[ref_gap.KEY] = ref_gap.logp_gap(batch["ref_diag"], seq_logps)
+        return loss_sum, count, report
 
     return reduce_fn
 

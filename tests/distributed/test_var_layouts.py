@@ -1,5 +1,7 @@
 """The VAR step is layout-invariant: the frozen reference's [B, B] cross-pair matrices, the weights, the loss and
-the policy gradients are the same at TP=1/PP=1 as at TP=2, PP=2, TP=2×PP=2 and DP=4; shared-prefix scoring equals
+the policy gradients are the same at TP=1/PP=1 as at TP=2, PP=2, TP=2×PP=2, DP=4, and in the layouts the examples
+use: TP=2 with sequence parallelism, interleaved PP=2×VPP=2, and full activation recomputation (each with
+shared-prefix scoring); shared-prefix scoring equals
 naive scoring; the matrix diagonal equals the reference's own log π(y_i|x_i); and the gradient of a global batch
 does not depend on how it is split into micro-batches.
 """
@@ -8,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.transformer import transformer_block
 
 from megatron_var.data.groups import Group
 from megatron_var.models.full_state import gather_full, load_full
@@ -37,28 +40,40 @@ def _groups(vocab: int, seed: int = 3) -> list[Group]:
     return out
 
 
-def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", replicate: bool = False):
+def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", replicate: bool = False,
+              recompute: bool = False):
     arch = LLAMA
-    chunks = build_model_chunks(arch, pc, ModelOptions())
+    options = ModelOptions(recompute_activations=recompute)
+    chunks = build_model_chunks(arch, pc, options)
     load_full(chunks, init)
+    assert len(chunks) == (pc.virtual_pipeline_model_parallel_size or 1)
+    assert chunks[0].config.sequence_parallel == pc.sequence_parallel
     model = wrap_ddp(chunks, OptimConfig(use_distributed_optimizer=False))
     install_schedule_hooks(model)
-    ref_chunks = build_model_chunks(arch, pc, ModelOptions())
+    ref_chunks = build_model_chunks(arch, pc, options)
     load_full(ref_chunks, init)
-    ref = FrozenReference(ref_chunks, arch.vocab_size, pad_id=0, method=method)
+    pad = pc.tensor_model_parallel_size if pc.sequence_parallel else 1  # SP splits the sequence over TP
+    ref = FrozenReference(ref_chunks, arch.vocab_size, pad_id=0, method=method, pad_to_multiple_of=pad)
     groups = dp_share(_groups(arch.vocab_size), replicate=replicate)
     mats = ref.score_cross_pairs([g.prompt_ids for g in groups], [g.response_ids for g in groups])
     diag = ref.score_diagonal([g.prompt_ids for g in groups], [g.response_ids for g in groups])
     micro = [groups[i:i + groups_per_micro] for i in range(0, len(groups), groups_per_micro)]
-    batches = B.uniform_microbatches(micro, 0, 1, same_length=pc.pipeline_model_parallel_size > 1)
+    batches = B.uniform_microbatches(micro, 0, pad, same_length=pc.pipeline_model_parallel_size > 1)
     holder = mats is not None
     if holder:
         w = var_weights(torch.stack(mats), B.rewards_tensor(groups), LAM)
         for b, wm in zip(batches, w.split([len(m) for m in micro])):
             b["weights"] = wm.reshape(-1)
-    reports = run_schedule(make_forward_step(var_reduce(), arch.vocab_size), batches, model, forward_only=False,
-                           seq_length=max(b["tokens"].size(1) for b in batches),
-                           micro_batch_size=batches[0]["tokens"].size(0))
+    recomputed = []  # the policy's layers really run under megatron's activation checkpointing
+    checkpointed = transformer_block.checkpointed_forward
+    transformer_block.checkpointed_forward = lambda *a, **k: recomputed.append(1) or checkpointed(*a, **k)
+    try:
+        reports = run_schedule(make_forward_step(var_reduce(), arch.vocab_size), batches, model, forward_only=False,
+                               seq_length=max(b["tokens"].size(1) for b in batches),
+                               micro_batch_size=batches[0]["tokens"].size(0))
+    finally:
+        transformer_block.checkpointed_forward = checkpointed
+    assert bool(recomputed) == recompute
     s = sum_reports(reports)
     loss_sum, units = global_sum([s.get("loss_sum", 0.0), s.get("units", 0.0)])
     # the matrices of all groups, in global group order, on every rank
@@ -84,14 +99,19 @@ def reference():
     return init, res
 
 
-VAR_LAYOUTS = {"tp2": dict(tp=2), "pp2": dict(pp=2), "tp2pp2": dict(tp=2, pp=2), "dp4": dict()}
+VAR_LAYOUTS = {"tp2": dict(tp=2), "pp2": dict(pp=2), "tp2pp2": dict(tp=2, pp=2), "dp4": dict(),
+               "tp2sp": dict(tp=2, sp=True), "pp2vpp2": dict(pp=2, vpp=2),
+               "tp2sp_recompute": dict(tp=2, sp=True, recompute=True),
+               "pp2vpp2_recompute": dict(pp=2, vpp=2, recompute=True)}
 
 
 @pytest.mark.parametrize("name", list(VAR_LAYOUTS))
 def test_var_step_is_layout_invariant(reference, name):
     init, (ref_loss, ref_mats, _, ref_w, ref_grads) = reference
-    with layout(**VAR_LAYOUTS[name]) as pc:
-        loss, mats, _, w, grads = _var_step(pc, init, groups_per_micro=1)
+    kw = dict(VAR_LAYOUTS[name])
+    recompute = kw.pop("recompute", False)
+    with layout(**kw) as pc:
+        loss, mats, _, w, grads = _var_step(pc, init, groups_per_micro=1, recompute=recompute)
     assert torch.allclose(mats, ref_mats, rtol=TOL, atol=0), (mats - ref_mats).abs().max()
     assert torch.allclose(w, ref_w, rtol=TOL, atol=1e-7)
     assert abs(loss - ref_loss) <= TOL * abs(ref_loss)
