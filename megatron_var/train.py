@@ -18,12 +18,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_var.train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("objective")
-    g.add_argument("--objective", choices=["var", "sft", "dpo"], default="var")
+    g.add_argument("--objective", choices=["var", "sft", "dpo", "alol"], default="var",
+                   help="alol: A-LoL / R-LoL (Baheti et al.), the paper's offline-RL baseline")
     g.add_argument("--var-lambda", type=float, default=1.0, help="λ: rewards enter the weights as r/λ")
     g.add_argument("--var-logp-reduction", choices=["sum", "mean"], default="sum",
                    help="sequence log-prob = sum (paper) or per-token mean of response token log-probs")
     g.add_argument("--cross-pair-method", choices=["shared_prefix", "naive"], default="shared_prefix")
     g.add_argument("--dpo-beta", type=float, default=0.1)
+    g.add_argument("--alol-clip", type=float, default=0.2,
+                   help="A-LoL: clip the importance weight pi_theta/pi_ref to [1 - eps, 1 + eps]")
+    g.add_argument("--alol-variant", choices=["alol", "rlol"], default="alol",
+                   help="alol: advantage r - V(x), positive only (V = mean reward of x over its group); "
+                        "rlol: the reward itself")
     g = p.add_argument_group("data and checkpoints")
     g.add_argument("--data-path", required=True, help="directory written by tools/prepare_data.py")
     g.add_argument("--load", help="megatron_var checkpoint (converted from HF or saved by training)")
@@ -91,7 +97,8 @@ def main(argv=None) -> int:
                           train_iters=args.train_iters, epochs=args.epochs, lr_warmup_iters=args.lr_warmup_iters,
                           lr_decay_style=args.lr_decay_style, seed=args.seed, var_lambda=args.var_lambda,
                           logp_reduction=args.var_logp_reduction, cross_pair_method=args.cross_pair_method,
-                          dpo_beta=args.dpo_beta, load=args.load, finetune=args.finetune, ckpt_step=args.ckpt_step,
+                          dpo_beta=args.dpo_beta, alol_clip=args.alol_clip, alol_variant=args.alol_variant,
+                          load=args.load, finetune=args.finetune, ckpt_step=args.ckpt_step,
                           ref_load=args.ref_load, ref_offload=args.ref_offload, ref_cache=args.ref_cache,
                           model_arch=args.model_arch, save=args.save,
                           save_interval=args.save_interval, log_interval=args.log_interval,

@@ -41,6 +41,11 @@ class DemoDefaults:
     dpo_lr: float = 2e-4
     dpo_beta: float = 0.1
     dpo_pairs_per_iter: int = 4
+    # A-LoL from the SFT model on the VAR groups (advantage = reward - the prompt's mean reward over its group)
+    alol_iters: int = 150
+    alol_lr: float = 1e-3
+    alol_clip: float = 0.2
+    alol_groups_per_iter: int = 2
     # shared optimiser settings (the trainer's flags)
     warmup_iters: int = 10
     lr_decay_style: str = "cosine"
@@ -58,12 +63,13 @@ class DemoDefaults:
         return asdict(self)
 
     def train_args(self, objective: str) -> list[str]:
-        """``megatron_var.train`` flags for one stage (sft | var | dpo); data/load/save/parallel flags are the
+        """``megatron_var.train`` flags for one stage (sft | var | dpo | alol); data/load/save/parallel flags are the
         caller's. Micro-batch = 1 group, so a stage runs the same math at any TP."""
         iters, lr, per_iter = {
             "sft": (self.sft_iters, self.sft_lr, self.sft_groups_per_iter),
             "var": (self.var_iters, self.var_lr, self.var_groups_per_iter),
             "dpo": (self.dpo_iters, self.dpo_lr, self.dpo_pairs_per_iter),
+            "alol": (self.alol_iters, self.alol_lr, self.alol_groups_per_iter),
         }[objective]
         args = ["--objective", objective, "--train-iters", iters, "--lr", lr, "--min-lr", lr * self.min_lr_ratio,
                 "--lr-warmup-iters", self.warmup_iters, "--lr-decay-style", self.lr_decay_style,
@@ -74,6 +80,8 @@ class DemoDefaults:
             args += ["--var-lambda", self.var_lambda, "--var-logp-reduction", self.var_logp_reduction]
         if objective == "dpo":
             args += ["--dpo-beta", self.dpo_beta]
+        if objective == "alol":
+            args += ["--alol-clip", self.alol_clip, "--var-logp-reduction", self.var_logp_reduction]
         return [f"{a:.6g}" if isinstance(a, float) else str(a) for a in args]
 
 

@@ -1,4 +1,4 @@
-"""Demo report: the base / SFT / SFT+VAR / SFT+DPO table, summary.json and a PNG of held-out reward vs VAR steps."""
+"""Demo report: the base / SFT / SFT+VAR / SFT+DPO / SFT+A-LoL table, summary.json and a PNG of held-out reward vs VAR steps."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _plot(path: Path, steps: list[int], rewards: list[float], table: dict) -> No
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
     ax.plot(steps, rewards, marker="o", label="SFT+VAR (held-out, seed 0)")
-    for name, style in (("base", ":"), ("SFT+DPO", "--")):
+    for name, style in (("base", ":"), ("SFT+DPO", "--"), ("SFT+A-LoL", "-.")):
         ax.axhline(table[name]["mean"], linestyle=style, color="gray", label=name)
     ax.set_xlabel("VAR iteration (0 = SFT model)")
     ax.set_ylabel("mean reward")

@@ -1,7 +1,7 @@
 """The embedded CPU demo, end to end, through the same commands a user runs (``python -m megatron_var.demo.run``).
 
 Stages: tiny HF Llama + bundled task -> hf_to_megatron -> prepare_data (+ score_rewards) -> SFT (TP=2, torchrun)
--> SFT+VAR and SFT+DPO from the SFT model -> megatron_to_hf -> eval_reward on held-out prompts (3 seeds) ->
+-> SFT+VAR, SFT+DPO and SFT+A-LoL from the SFT model -> megatron_to_hf -> eval_reward on held-out prompts (3 seeds) ->
 table, summary.json and a PNG of held-out reward over VAR training steps. Hyper-parameters: demo/defaults.py.
 """
 
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     run = Runner(work, args.nproc)
-    it = {k: max(2, int(getattr(DEMO, f"{k}_iters") * args.scale)) for k in ("sft", "var", "dpo")}
+    it = {k: max(2, int(getattr(DEMO, f"{k}_iters") * args.scale)) for k in ("sft", "var", "dpo", "alol")}
 
     from megatron_var.demo.task import corpus_texts, write_dataset
     from megatron_var.demo.tiny_model import build_tiny_hf_model
@@ -99,9 +99,10 @@ def main(argv=None) -> int:
     interval = max(1, it["var"] // max(1, args.curve_points))
     _train(run, "var", "var", work / "meg_sft", work / "data_all", work / "meg_var", it["var"], interval)
     _train(run, "dpo", "dpo", work / "meg_sft", work / "data_pairs", work / "meg_dpo", it["dpo"])
+    _train(run, "alol", "alol", work / "meg_sft", work / "data_all", work / "meg_alol", it["alol"])
 
     export = ["checkpoints_convert/megatron_to_hf.py", "--overwrite"]
-    for name in ("sft", "var", "dpo"):
+    for name in ("sft", "var", "dpo", "alol"):
         run.sh(f"export_{name}", [*export, "--load", str(work / f"meg_{name}"), "--out", str(work / f"hf_{name}")])
     curve_iters = sorted({k for k in range(interval, it["var"] + 1, interval)} | {it["var"]})
     for k in curve_iters:
@@ -111,8 +112,8 @@ def main(argv=None) -> int:
     ev = ["tools/eval_reward.py", "--prompts", str(paths["test"]), "--reward-fn", REWARD_FN, "--template",
           DEMO.template, "--max-new-tokens", str(DEMO.eval_max_new_tokens), "--batch-size",
           str(DEMO.eval_batch_size)]
-    names = ["base", "SFT", "SFT+VAR", "SFT+DPO"]
-    run.sh("eval", [*ev, "--model", *(str(work / d) for d in ("hf_base", "hf_sft", "hf_var", "hf_dpo")),
+    names = ["base", "SFT", "SFT+VAR", "SFT+DPO", "SFT+A-LoL"]
+    run.sh("eval", [*ev, "--model", *(str(work / d) for d in ("hf_base", "hf_sft", "hf_var", "hf_dpo", "hf_alol")),
                     "--names", *names, "--seeds", *map(str, args.seeds), "--output", str(work / "eval.json")])
     curve_models = [work / "hf_sft"] + [work / (f"hf_var_{k}" if k != it["var"] else "hf_var") for k in curve_iters]
     run.sh("eval_curve", [*ev, "--model", *map(str, curve_models), "--names", *map(str, [0] + curve_iters),

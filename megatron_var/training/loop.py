@@ -28,6 +28,7 @@ from megatron_var.checkpoint_layout import copy_hf_files, hf_dir
 from megatron_var.data.groups import GroupDataset
 from megatron_var.models.arch import ModelArch
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
+from megatron_var.objectives.alol import alol_advantages
 from megatron_var.objectives.var import var_metrics, var_weights
 from megatron_var import reference_cache
 from megatron_var.parallel import ParallelConfig
@@ -37,7 +38,7 @@ from megatron_var.training import checkpointing as ckpt
 from megatron_var.training import ref_gap
 from megatron_var.training.logging_sinks import MetricSinks
 from megatron_var.training.engine import OptimConfig, build_optimizer, run_schedule, sum_reports, wrap_ddp
-from megatron_var.training.objective_steps import dpo_reduce, var_reduce
+from megatron_var.training.objective_steps import alol_reduce, dpo_reduce, var_reduce
 from megatron_var.training.step import make_forward_step, sft_reduce
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ def _injected_nan_iterations() -> set[int]:
     """Testing hook (fault injection): ``MEGATRON_VAR_INJECT_NAN_ITERS="3,4"`` makes those iterations' loss NaN."""
     raw = os.environ.get("MEGATRON_VAR_INJECT_NAN_ITERS", "")
     return {int(x) for x in raw.split(",") if x.strip()}
+
+
+OBJECTIVES = ("var", "sft", "dpo", "alol")
+NEEDS_REWARDS = ("var", "alol")
 
 
 @dataclass
@@ -73,6 +78,10 @@ class TrainConfig:
     """'sum' (the paper) or 'mean' (per-token mean log-probs for π_ref and π_θ)."""
     cross_pair_method: str = "shared_prefix"
     dpo_beta: float = 0.1
+    alol_clip: float = 0.2
+    """A-LoL: the sequence-level importance weight pi_theta/pi_ref is clipped to [1 - eps, 1 + eps]."""
+    alol_variant: str = "alol"
+    """'alol': advantage r - V(x) (V = x's mean reward over its group), positive advantages only; 'rlol': reward."""
     load: Optional[str] = None
     finetune: bool = False
     """Load only the weights of --load and start a fresh run (iteration 0, new optimizer), as Megatron-LM."""
@@ -96,8 +105,12 @@ class TrainConfig:
     wandb_project: Optional[str] = None
 
     def __post_init__(self):
-        if self.objective not in ("var", "sft", "dpo"):
-            raise ValueError(f"--objective must be var, sft or dpo, got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.alol_variant not in ("alol", "rlol"):
+            raise ValueError(f"--alol-variant must be alol or rlol, got {self.alol_variant!r}")
+        if not 0.0 < self.alol_clip < 1.0:
+            raise ValueError(f"--alol-clip must be in (0, 1), got {self.alol_clip}")
         if not self.data_path:
             raise ValueError("--data-path is required")
         if self.global_batch_size % self.micro_batch_size:
@@ -107,7 +120,7 @@ class TrainConfig:
         if self.var_lambda <= 0:
             raise ValueError(f"--var-lambda must be > 0, got {self.var_lambda}")
         if self.ref_cache and self.objective == "sft":
-            raise ValueError("--ref-cache needs --objective var or dpo (SFT has no reference)")
+            raise ValueError("--ref-cache needs --objective var, dpo or alol (SFT has no reference)")
         if self.load is None and self.model_arch is None:
             raise ValueError("give --load (a megatron_var checkpoint) or --model-arch (random init)")
 
@@ -130,10 +143,10 @@ class Trainer:
         self.cfg, self.pc = cfg, pc
         self._nan_iters = _injected_nan_iterations()
         self.arch = _arch(cfg)
-        self.data = GroupDataset(cfg.data_path, "train", require_rewards=cfg.objective == "var")
+        self.data = GroupDataset(cfg.data_path, "train", require_rewards=cfg.objective in NEEDS_REWARDS)
         self.valid = None
         if cfg.eval_interval:
-            valid = GroupDataset(cfg.data_path, "valid", require_rewards=cfg.objective == "var")
+            valid = GroupDataset(cfg.data_path, "valid", require_rewards=cfg.objective in NEEDS_REWARDS)
             self.valid = valid if len(valid) else None
             if self.valid is None:
                 logger.warning("--eval-interval given but %s has no valid split; no evaluation", cfg.data_path)
@@ -174,7 +187,7 @@ class Trainer:
         if not cfg.load and cfg.save:
             self.save(weights_only=True)  # iteration 0: the random initial weights = the reference source
         self.ref, self.ref_cache = None, None
-        if cfg.objective in ("var", "dpo"):
+        if cfg.objective != "sft":
             if not self.ref_source["root"]:
                 raise ValueError("VAR/DPO need a reference: give --load, --ref-load or --save")
 
@@ -234,13 +247,18 @@ class Trainer:
                 diag = torch.diagonal(ref_bb, dim1=1, dim2=2).split([len(mg) for mg in micro])
                 for b, wm, dm in zip(batches, per_micro, diag):
                     b["weights"], b["ref_diag"] = wm.reshape(-1), dm.reshape(-1)
-        elif cfg.objective == "dpo":
+        elif cfg.objective in ("dpo", "alol"):
             vecs = self._cached(groups) if self.ref_cache is not None else \
                 self.ref.score_diagonal(prompts, responses, cfg.logp_reduction)
             if vecs is not None:
-                per_micro = torch.stack(vecs).split([len(mg) for mg in micro])
-                for b, v in zip(batches, per_micro):
+                sizes = [len(mg) for mg in micro]
+                per_micro = torch.stack(vecs).split(sizes)
+                adv = alol_advantages(B.rewards_tensor(groups), cfg.alol_variant).split(sizes) \
+                    if cfg.objective == "alol" else [None] * len(sizes)
+                for b, v, a in zip(batches, per_micro, adv):
                     b["ref_logps"] = v.reshape(-1)
+                    if a is not None:
+                        b["advantages"] = a.reshape(-1)
         return batches, extra
 
     def _run(self, groups: list, forward_only: bool) -> tuple[dict, float]:
@@ -253,6 +271,7 @@ class Trainer:
             for b in batches:  # a real NaN loss and NaN gradients through the whole backward
                 b["loss_mask"] = b["loss_mask"] * float("nan")
         reduce_fn = {"var": var_reduce(cfg.logp_reduction), "dpo": dpo_reduce(cfg.dpo_beta, cfg.logp_reduction),
+                     "alol": alol_reduce(cfg.alol_clip, cfg.alol_variant == "alol", cfg.logp_reduction),
                      "sft": sft_reduce}[cfg.objective]
         tokens = sum(int((b["tokens"] != self.pad_id).sum()) for b in batches)
         reports = run_schedule(make_forward_step(reduce_fn, self.arch.vocab_size), batches, self.model,
@@ -317,7 +336,7 @@ class Trainer:
         for m in self.model:
             m.train()
         out = {"iteration": self.iteration, "valid/loss": totals["loss_sum"] / max(totals["units"], 1.0)}
-        out.update({f"valid/{k}": v / n for k, v in totals.items() if k.startswith(("var/", "rewards/"))})
+        out.update({f"valid/{k}": v / n for k, v in totals.items() if k.startswith(("var/", "rewards/", "alol/"))})
         return out
 
     def _log_eval(self) -> None:
@@ -344,7 +363,8 @@ class Trainer:
                                 self.iteration, self.iters, rec["loss"], rec["lr"],
                                 f"{rec['grad_norm']:.4f}" if rec["grad_norm"] is not None else "-",
                                 rec["tokens_per_s"], rec["step_time_s"],
-                                "".join(f" | {k} {v:.4g}" for k, v in rec.items() if k.startswith(("var/", "rewards/"))))
+                                "".join(f" | {k} {v:.4g}" for k, v in rec.items()
+                                        if k.startswith(("var/", "rewards/", "alol/"))))
             if self.cfg.eval_interval and self.iteration % self.cfg.eval_interval == 0:
                 self._log_eval()
             if self.cfg.save and self.cfg.save_interval and self.iteration % self.cfg.save_interval == 0:
@@ -388,7 +408,7 @@ def _global_stats(summed: dict, extra: dict, tokens: int) -> dict:
         out[k] = out[k] / n_holders
     units = max(out.get("units", 1.0), 1.0)
     for k in list(out):
-        if k.startswith("rewards/") or k.startswith("logps/"):
+        if k.startswith(("rewards/", "logps/", "alol/")):  # per-sample sums -> means
             out[k] = out[k] / units
     out["tokens"] = t[-1].item()
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_var.objectives.alol import alol_loss_sum
 from megatron_var.objectives.dpo import dpo_loss
 from megatron_var.objectives.var import var_loss_sum
 from megatron_var.training import ref_gap
@@ -50,3 +51,18 @@ def dpo_reduce(beta: float, reduction: str = "sum"):
 
     return reduce_fn
 
+
+
+def alol_reduce(clip_eps: float, positive_only: bool, reduction: str = "sum"):
+    """A-LoL / R-LoL: -A_i clip(r_i) log pi_theta(y_i|x_i); ``batch['ref_logps']`` and ``batch['advantages']`` [G*B]
+    from the reference pass (see objectives/alol.py)."""
+
+    def reduce_fn(token_logps: torch.Tensor, batch: dict):
+        seq = batch["cross"].reduce(token_logps, reduction)  # [G*B]
+        loss_sum, count, metrics = alol_loss_sum(seq, batch["ref_logps"].to(seq.device),
+                                                 batch["advantages"].to(seq.device), clip_eps, positive_only)
+        report = {"loss_sum": loss_sum.detach().clone(), "units": count.clone()}
+        report.update(metrics)  # sums; divided by units when logged
+        return loss_sum, count, report
+
+    return reduce_fn

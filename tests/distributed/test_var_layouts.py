@@ -19,7 +19,8 @@ from megatron_var.objectives.var import var_weights
 from megatron_var.reference import FrozenReference
 from megatron_var.training import batches as B
 from megatron_var.training.engine import OptimConfig, run_schedule, sum_reports, wrap_ddp, install_schedule_hooks
-from megatron_var.training.objective_steps import var_reduce
+from megatron_var.objectives.alol import alol_advantages
+from megatron_var.training.objective_steps import alol_reduce, var_reduce
 from megatron_var.training.step import make_forward_step
 
 from helpers import LLAMA, dp_share, global_sum, layout, max_rel_err
@@ -41,7 +42,7 @@ def _groups(vocab: int, seed: int = 3) -> list[Group]:
 
 
 def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", replicate: bool = False,
-              recompute: bool = False):
+              recompute: bool = False, objective: str = "var"):
     arch = LLAMA
     options = ModelOptions(recompute_activations=recompute)
     chunks = build_model_chunks(arch, pc, options)
@@ -64,11 +65,19 @@ def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", re
         w = var_weights(torch.stack(mats), B.rewards_tensor(groups), LAM)
         for b, wm in zip(batches, w.split([len(m) for m in micro])):
             b["weights"] = wm.reshape(-1)
+        if objective == "alol":  # reference log-probs moved off the policy's so that some ratios are clipped
+            shift = torch.tensor([0.05, -0.5, 0.5, 0.0]).repeat(len(groups))
+            ref_logps = torch.stack(diag).reshape(-1) + shift
+            adv = alol_advantages(B.rewards_tensor(groups), "alol").reshape(-1)
+            per = [len(m) * GROUP for m in micro]
+            for b, rl, a in zip(batches, ref_logps.split(per), adv.split(per)):
+                b["ref_logps"], b["advantages"] = rl, a
     recomputed = []  # the policy's layers really run under megatron's activation checkpointing
     checkpointed = transformer_block.checkpointed_forward
     transformer_block.checkpointed_forward = lambda *a, **k: recomputed.append(1) or checkpointed(*a, **k)
     try:
-        reports = run_schedule(make_forward_step(var_reduce(), arch.vocab_size), batches, model, forward_only=False,
+        reduce_fn = var_reduce() if objective == "var" else alol_reduce(0.2, positive_only=True)
+        reports = run_schedule(make_forward_step(reduce_fn, arch.vocab_size), batches, model, forward_only=False,
                                seq_length=max(b["tokens"].size(1) for b in batches),
                                micro_batch_size=batches[0]["tokens"].size(0))
     finally:
@@ -191,3 +200,17 @@ def test_var_step_moves_policy_towards_high_weights(reference):
     rows = torch.arange(G)
     gain_hi, gain_lo = delta[rows, hi], delta[rows, lo]
     assert (gain_hi > gain_lo).all(), (gain_hi, gain_lo, w)
+
+
+@pytest.mark.parametrize("name", ["tp2", "pp2", "tp2pp2", "dp4"])
+def test_alol_step_is_layout_invariant(name):
+    """The A-LoL objective (clipped importance weights, advantage filter) gives the same loss and gradients in
+    every layout as at TP1."""
+    with layout(1, 1) as pc:
+        init = gather_full(build_model_chunks(LLAMA, pc, ModelOptions()))
+        ref_loss, _, _, _, ref_grads = _var_step(pc, init, groups_per_micro=1, replicate=True, objective="alol")
+    with layout(**VAR_LAYOUTS[name]) as pc:
+        loss, _, _, _, grads = _var_step(pc, init, groups_per_micro=1, objective="alol")
+    assert ref_loss != 0 and abs(loss - ref_loss) <= TOL * abs(ref_loss)
+    err, where = max_rel_err(grads, ref_grads)
+    assert err <= TOL, f"gradient {where}: rel err {err:.2e}"

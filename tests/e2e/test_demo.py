@@ -1,4 +1,4 @@
-"""A shortened run of the embedded demo through the real commands (HF -> Megatron -> SFT/VAR/DPO at TP=2 on CPU
+"""A shortened run of the embedded demo through the real commands (HF -> Megatron -> SFT/VAR/DPO/A-LoL at TP=2 on CPU
 -> HF -> generation + reward): every stage runs, the report is written, and SFT learns the task (its held-out
 reward beats the random base model's). The full-length effect (SFT+VAR vs SFT) is in the README's demo section."""
 
@@ -19,9 +19,9 @@ def test_demo_short(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     table = summary["table"]
-    assert set(table) == {"base", "SFT", "SFT+VAR", "SFT+DPO"}
+    assert set(table) == {"base", "SFT", "SFT+VAR", "SFT+DPO", "SFT+A-LoL"}
     assert table["SFT"]["mean"] > table["base"]["mean"] + 0.05, table
     assert (tmp_path / "var_valid_reward.png").stat().st_size > 1000
-    for name in ("hf_sft", "hf_var", "hf_dpo"):
+    for name in ("hf_sft", "hf_var", "hf_dpo", "hf_alol"):
         assert (tmp_path / name / "model.safetensors.index.json").exists() or \
             any((tmp_path / name).glob("*.safetensors"))
