@@ -16,6 +16,8 @@ PY=${PYTHON:-.venv/bin/python}
 OUT=$(realpath -m "${OUT:-runs/var_tiny_cpu}")
 prepare() {  # task, tokenizer, groups of 8 and their rewards, once; every torchrun rank calls it
   [ ! -f "$OUT/.prepared" ] || return 0
+  # one process does all of it: score_rewards would otherwise take this rank's share of a torchrun world
+  unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
   "$PY" examples/tiny/make_tiny.py "$OUT" >&2
   "$PY" tools/prepare_data.py --input "$OUT/train.jsonl" --tokenizer "$OUT/tokenizer" --template chat \
       --responses all --group-size 8 --seq-length 64 --output "$OUT/data" --overwrite --no-progress >&2
