@@ -159,6 +159,9 @@ def check(ckpt_dir, collective: bool = False) -> list[str]:
             mine = ("unsafe", str(e))
         except ValueError as e:
             mine = ("damaged", str(e))
+        except Exception as e:  # any other reader failure is damage too, and must reach every rank (no hang)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            mine = ("damaged", f"{ckpt_dir}: unreadable ({type(e).__name__}: {first})")
     verdicts = [v for v in _gather(mine, collective) if v]
     for kind, msg in verdicts:
         if kind == "unsafe":
