@@ -73,6 +73,21 @@ def test_damage_seen_by_one_rank_fails_every_rank_alike(converted):
     assert len(set(msgs)) == 1 and f"{victim}: hash mismatch" in msgs[0], msgs
 
 
+def test_unverified_damage_is_one_error_on_every_rank(converted):
+    """Without a manifest (an older checkpoint) a truncated file surfaces inside torch DCP, whose
+    CheckpointException derives from BaseException: still one ValueError, the same on every rank."""
+    ckpt = ckpt_layout.iteration_dir(converted, 0)
+    victim = max(ckpt.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    _on_rank0(lambda: ((ckpt / integrity.MANIFEST).unlink(), victim.write_bytes(victim.read_bytes()[:100])))
+    arch = ckpt_layout.read_arch(converted)
+    with layout(tp=2) as pc:
+        chunks = build_model_chunks(arch, pc, ModelOptions())
+        with pytest.raises(ValueError, match="cannot load model tensors") as e:
+            ckpt_layout.load_model(chunks, converted)
+    msgs = _same_everywhere(str(e.value).split(" (")[0])
+    assert len(set(msgs)) == 1 and "\n" not in str(e.value), (msgs, str(e.value))
+
+
 def test_trainer_falls_back_on_every_rank(tmp_shared):
     tmp_shared = Path(tmp_shared)
     with layout(tp=2) as pc:
