@@ -163,6 +163,8 @@ def load_error_summary(e: BaseException) -> str:
                 e = orig
                 break
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, EOFError) and not first:
+        first = "a file ends early (truncated?)"
     return f"{type(e).__name__}: {first}"
 
 

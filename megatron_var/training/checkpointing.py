@@ -109,7 +109,7 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
     try:
         loaded = dist_checkpointing.load(sd, str(ckpt))
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException derives from BaseException
-        raise ValueError(f"--load {ckpt}: cannot load into this model ({load_error_summary(e)})") from e
+        raise ValueError(f"--load {ckpt}: cannot load it ({load_error_summary(e)})") from e
     keys = ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
     for m, k in zip(model, keys):
         getattr(m, "module", m).load_state_dict(loaded[k], strict=False)
@@ -148,7 +148,10 @@ def _intact_checkpoint(root: Path, it: int, fallback: bool) -> Path:
 
 
 def _has_key(ckpt: Path, key: str) -> bool:
-    return key in dist_checkpointing.load_common_state_dict(str(ckpt))
+    try:
+        return key in dist_checkpointing.load_common_state_dict(str(ckpt))
+    except (Exception, CheckpointException) as e:
+        raise ValueError(f"--load {ckpt}: cannot read its common state ({load_error_summary(e)})") from e
 
 
 def _materialise_optimizer_state(optimizer) -> None:

@@ -91,6 +91,18 @@ def test_damaged_explicit_step_does_not_fall_back(tiny, copy):  # noqa: F811
     assert "--ckpt-step 1: checkpoint is damaged" in line and "hash mismatch" in line
 
 
+def test_unverified_damage_is_a_one_line_error(tiny, copy):  # noqa: F811
+    """A checkpoint without a manifest (older) loads with a warning; a file truncated inside its tensors then fails
+    inside torch DCP (CheckpointException, a BaseException): still one error line, exit 2."""
+    for it in (0, 1, 2):
+        (layout.iteration_dir(copy, it) / integrity.MANIFEST).unlink()
+    bad = _distcp(copy, 2)
+    bad.write_bytes(bad.read_bytes()[:bad.stat().st_size // 2])  # the object items at its start stay readable
+    r = _train(tiny, "--load", str(copy), "--train-iters", "3")
+    line = _one_line_error(r)
+    assert "not verified" in r.stderr and "iter_0000002: cannot load it (EOFError" in line, line
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = str(marker)
