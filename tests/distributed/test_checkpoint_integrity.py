@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import hf_tiny
+from checkpoint_damage import flip64
 from checkpoints_convert.import_hf import convert_hf_to_megatron
 from helpers import LLAMA, layout
 from megatron_var import checkpoint_integrity as integrity
@@ -23,13 +24,6 @@ def _same_everywhere(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def _flip64(path):
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
-    path.write_bytes(bytes(data))
 
 
 def _on_rank0(fn) -> None:
@@ -63,7 +57,7 @@ def test_damage_seen_by_one_rank_fails_every_rank_alike(converted):
     ckpt = ckpt_layout.iteration_dir(converted, 0)
     files = sorted(json.loads((ckpt / integrity.MANIFEST).read_text())["files"])
     victim = ckpt / files[3::4][0]  # hashed by rank 3 only
-    _on_rank0(lambda: _flip64(victim))
+    _on_rank0(lambda: flip64(victim))
     arch = ckpt_layout.read_arch(converted)
     with layout(tp=2) as pc:
         chunks = build_model_chunks(arch, pc, ModelOptions())

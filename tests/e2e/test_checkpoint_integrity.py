@@ -8,16 +8,14 @@ line naming both shapes.
 """
 
 import json
-import os
-import pickle
 import shutil
-import sys
 
 import pytest
 
-from test_train_resume import ROOT, _losses, _run, tiny  # noqa: F401  (tiny: the shared tiny-task fixture)
+from test_train_resume import _losses, _run, tiny  # noqa: F401  (tiny: the shared tiny-task fixture)
 
 import hf_tiny
+from checkpoint_damage import craft_metadata, flip64
 from checkpoints_convert.import_hf import convert_hf_to_megatron
 from megatron_var import checkpoint_integrity as integrity
 from megatron_var import checkpoint_layout as layout
@@ -53,20 +51,13 @@ def copy(trained, tmp_path):
     return shutil.copytree(trained, tmp_path / "run")
 
 
-def _flip64(path):
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
-    path.write_bytes(bytes(data))
-
-
 def _distcp(root, it):
     return next(layout.iteration_dir(root, it).glob("*.distcp"))
 
 
 def test_damaged_latest_falls_back_to_the_newest_intact(tiny, trained, copy):  # noqa: F811
     bad = _distcp(copy, 2)
-    _flip64(bad)
+    flip64(bad)
     r = _train(tiny, "--load", str(copy), "--save", str(copy), "--save-interval", "1", "--train-iters", "3")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{bad}: hash mismatch" in r.stderr, r.stderr[-3000:]
@@ -86,7 +77,7 @@ def test_no_intact_checkpoint_is_a_one_line_error(tiny, copy):  # noqa: F811
 
 
 def test_damaged_explicit_step_does_not_fall_back(tiny, copy):  # noqa: F811
-    _flip64(_distcp(copy, 1))
+    flip64(_distcp(copy, 1))
     line = _one_line_error(_train(tiny, "--load", str(copy), "--ckpt-step", "1", "--train-iters", "3"))
     assert "--ckpt-step 1: checkpoint is damaged" in line and "hash mismatch" in line
 
@@ -103,28 +94,9 @@ def test_unverified_damage_is_a_one_line_error(tiny, copy):  # noqa: F811
     assert "not verified" in r.stderr and "iter_0000002: cannot load it (EOFError" in line, line
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def _craft(root, it, marker):
-    """Hide a payload in iteration ``it``'s real metadata and give it a matching manifest (as an attacker would)."""
-    ckpt = layout.iteration_dir(root, it)
-    with open(ckpt / ".metadata", "rb") as f:
-        md = pickle.load(f)
-    md.planner_data = _Payload(marker)
-    with open(ckpt / ".metadata", "wb") as f:
-        pickle.dump(md, f)
-    integrity.write_manifest(ckpt)
-
-
 def test_crafted_metadata_is_refused_on_load(tiny, copy, tmp_path):  # noqa: F811
     marker = tmp_path / "pwned"
-    _craft(copy, 2, marker)
+    craft_metadata(layout.iteration_dir(copy, 2), marker)
     line = _one_line_error(_train(tiny, "--load", str(copy), "--train-iters", "3"))
     assert "refuses global posix.system" in line and "iter_0000002/.metadata" in line
     assert not marker.exists()
@@ -132,7 +104,7 @@ def test_crafted_metadata_is_refused_on_load(tiny, copy, tmp_path):  # noqa: F81
 
 def test_crafted_metadata_is_refused_on_ref_load(tiny, copy, tmp_path):  # noqa: F811
     marker = tmp_path / "pwned"
-    _craft(copy, 2, marker)
+    craft_metadata(layout.iteration_dir(copy, 2), marker)
     line = _one_line_error(_train(tiny, "--model-arch", str(tiny / "model_arch.json"), "--ref-load", str(copy),
                                   "--train-iters", "1", objective="var"))
     assert "refuses global posix.system" in line
@@ -153,6 +125,3 @@ def test_load_of_another_architecture_names_both_shapes(tiny, copy):  # noqa: F8
     line = _one_line_error(_train(tiny, "--load", str(copy), "--train-iters", "3"))
     assert "different model shape" in line and "[2, 64, 128]" in line and "[2, 64, 96]" in line, line
 
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 import hf_tiny
+from checkpoint_damage import flip64, truncate
 from checkpoints_convert.export_hf import convert_megatron_to_hf
 from checkpoints_convert.import_hf import convert_hf_to_megatron
 from megatron_var import checkpoint_integrity as integrity
@@ -43,23 +44,8 @@ def test_converter_writes_a_manifest_of_every_file(copy):
     assert integrity.check(ckpt) == []
 
 
-def _truncate(p):
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-
-
-def _empty(p):
-    p.write_bytes(b"")
-
-
-def _flip64(p):
-    data = bytearray(p.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
-    p.write_bytes(bytes(data))
-
-
-DAMAGE = {"truncated": (_truncate, "size mismatch"), "emptied": (_empty, "size mismatch"),
-          "flipped64": (_flip64, "hash mismatch"), "missing": (lambda p: p.unlink(), "missing file")}
+DAMAGE = {"truncated": (truncate, "size mismatch"), "emptied": (lambda p: p.write_bytes(b""), "size mismatch"),
+          "flipped64": (flip64, "hash mismatch"), "missing": (lambda p: p.unlink(), "missing file")}
 
 
 @pytest.mark.parametrize("kind", list(DAMAGE))
@@ -97,7 +83,7 @@ def test_no_manifest_loads_with_a_warning(copy, caplog):
 def test_no_manifest_still_catches_a_scrambled_metadata(copy):
     _, ckpt = copy
     (ckpt / integrity.MANIFEST).unlink()
-    _truncate(ckpt / ".metadata")
+    truncate(ckpt / ".metadata")
     problems = integrity.check(ckpt)
     assert len(problems) == 1 and f"{ckpt / '.metadata'} is unreadable" in problems[0], problems
 

@@ -7,7 +7,6 @@ manifest, is what stops them.
 """
 
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
 import hf_tiny
+from checkpoint_damage import Payload, craft_metadata
 from checkpoints_convert.dcp_io import CheckpointReader, write_checkpoint
 from checkpoints_convert.export_hf import convert_megatron_to_hf
 from checkpoints_convert.import_hf import convert_hf_to_megatron
@@ -26,16 +26,6 @@ from megatron_var import checkpoint_layout as layout
 from megatron_var import safe_unpickle
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class _Payload:
-    """Unpickling it creates ``marker`` (stands for arbitrary code)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +40,8 @@ def meg(tmp_path_factory):
 def crafted(meg, tmp_path):
     """(root, marker): a copy of ``meg`` whose .metadata hides the payload inside otherwise real metadata."""
     root = shutil.copytree(meg, tmp_path / "meg")
-    ckpt, marker = layout.iteration_dir(root, 0), tmp_path / "pwned"
-    with open(ckpt / ".metadata", "rb") as f:
-        md = pickle.load(f)  # our own, real file
-    md.planner_data = _Payload(marker)
-    with open(ckpt / ".metadata", "wb") as f:
-        pickle.dump(md, f)
-    integrity.write_manifest(ckpt)
+    marker = tmp_path / "pwned"
+    craft_metadata(layout.iteration_dir(root, 0), marker)
     return root, marker
 
 
@@ -113,7 +98,7 @@ def test_a_pickled_object_item_that_runs_code_is_refused(tmp_path):
     """DCP unpickles ShardedObjects (here megatron's common state) with weights_only=False: checked first."""
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "iter_0000000"
-    write_checkpoint(ckpt, [], {}, common_state=_Payload(marker))
+    write_checkpoint(ckpt, [], {}, common_state=Payload(marker))
     with pytest.raises(safe_unpickle.UnsafeCheckpointError, match="common_state.*not loaded"):
         integrity.ensure_intact(ckpt)
     assert not marker.exists()
