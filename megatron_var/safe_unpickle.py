@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 METADATA_FILE = ".metadata"
+LEGACY_COMMON_FILE = "common.pt"  # where older megatron-core versions kept the common state
 
 # (module, name) of every global a DCP ``.metadata`` pickle needs; torch dtypes are admitted separately
 _ALLOWED = {
@@ -106,17 +107,33 @@ def check_objects(ckpt_dir, md) -> None:
             with open(path, "rb") as f:
                 f.seek(info.offset)
                 blob = f.read(info.length)
-            torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(f"{path}: object {key!r} not loaded, it needs more than plain data to "
-                                        f"unpickle ({str(e).splitlines()[0]})") from None
-        except (OSError, RuntimeError, EOFError) as e:
-            raise ValueError(f"{path}: object {key!r} is unreadable ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        except OSError as e:
+            raise ValueError(f"{path}: object {key!r} is unreadable ({e})") from None
+        _check_plain_data(io.BytesIO(blob), f"{path}: object {key!r}")
+
+
+def _check_plain_data(stream, what: str) -> None:
+    """Refuse a ``torch.save`` payload that torch's ``weights_only`` unpickler would not load."""
+    try:
+        torch.load(stream, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"{what} not loaded, it needs more than plain data to unpickle "
+                                    f"({str(e).splitlines()[0]})") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{what} is unreadable ({type(e).__name__}: {first})") from None
 
 
 def check_checkpoint(ckpt_dir):
-    """Restricted read of ``.metadata`` plus the object-item check; returns the metadata."""
+    """Restricted read of ``.metadata`` plus the object-item check; returns the metadata.
+
+    Also megatron's legacy ``common.pt``: if a checkpoint has one, megatron loads it instead of the common-state
+    object, with ``torch.load``'s default (``weights_only`` unless an environment variable turns it off).
+    """
     md = load_metadata(ckpt_dir)
     check_objects(ckpt_dir, md)
+    legacy = Path(ckpt_dir) / LEGACY_COMMON_FILE
+    if legacy.exists():
+        with open(legacy, "rb") as f:
+            _check_plain_data(f, str(legacy))
     return md

@@ -102,3 +102,16 @@ def test_a_pickled_object_item_that_runs_code_is_refused(tmp_path):
     with pytest.raises(safe_unpickle.UnsafeCheckpointError, match="common_state.*not loaded"):
         integrity.ensure_intact(ckpt)
     assert not marker.exists()
+
+
+def test_a_legacy_common_pt_that_runs_code_is_refused(meg, tmp_path):
+    """megatron loads a ``common.pt`` (its older layout) when one is there: a crafted one is refused too."""
+    import torch
+
+    root = shutil.copytree(meg, tmp_path / "meg")
+    ckpt, marker = layout.iteration_dir(root, 0), tmp_path / "pwned"
+    torch.save({"x": Payload(marker)}, ckpt / "common.pt")
+    integrity.write_manifest(ckpt)
+    with pytest.raises(safe_unpickle.UnsafeCheckpointError, match="common.pt not loaded"):
+        integrity.ensure_intact(ckpt)
+    assert not marker.exists()
