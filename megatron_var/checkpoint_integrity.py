@@ -3,7 +3,7 @@
 Why: a truncated, emptied or bit-flipped ``.distcp`` either crashed the load with an unrelated traceback or,
 worse, resumed silently with garbage weights (loss 1e13). Each checkpoint gets ``checksums.json`` (relative path,
 size and xxh3-64 hash of every file), written after all its files and before the directory is renamed into place,
-so a final ``iter_*`` directory always carries one. Hashing runs at memory/page-cache speed (~3-15 GB/s); with a
+so a final ``iter_*`` directory always carries one. Hashing runs at page-cache speed (~8 GB/s per core); with a
 process group the files are split over the ranks and the results gathered, so every rank sees the same verdict.
 """
 
