@@ -80,7 +80,8 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
     """Load model (and optimizer/scheduler when given and present) from ``root``; returns the trainer state.
 
     A checkpoint written by ``hf_to_megatron.py`` holds model weights only: then the trainer state is empty and a
-    fresh run starts from those weights.
+    fresh run starts from those weights. ``checkpoint_iteration`` in the result is the iteration actually read
+    (older than the tracker's when the latest was damaged).
     """
     root = Path(root)
     if not root.is_dir():
@@ -127,7 +128,7 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
 def _intact_checkpoint(root: Path, it: int, fallback: bool) -> Path:
     """``iter_<it>`` when its files match its manifest and its metadata is safe to read; otherwise (``fallback``)
     the newest intact older ``iter_*`` in ``root``, with the damage and the fallback logged. All ranks call it
-    and get the same answer (the verdict is gathered); a ValueError names every damaged file."""
+    and get the same answer (the verdict is gathered); the ValueError names the damage of every iteration tried."""
     older = sorted((int(d.name[5:]) for d in root.glob("iter_*") if d.is_dir() and d.name[5:].isdigit()
                     and int(d.name[5:]) < it), reverse=True) if fallback else []
     damaged = []
