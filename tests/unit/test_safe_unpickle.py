@@ -1,7 +1,7 @@
 """A crafted checkpoint whose ``.metadata`` (or a pickled object item) runs code on unpickling is refused on every
 load path of the converters and scoring, and the code never runs; real checkpoint metadata still loads.
 
-The trainer's ``--load`` / ``--ref-load`` paths are checked in tests/e2e/test_checkpoint_integrity.py. The crafted
+The trainer's ``--load`` / ``--ref-load`` paths are checked in tests/e2e/test_train_checkpoint_trust.py. The crafted
 checkpoints carry a matching checksum manifest (an attacker writes one too), so the restricted unpickler, not the
 manifest, is what stops them.
 """
