@@ -37,6 +37,8 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_var import checkpoint_integrity, safe_unpickle
+
 
 MEGATRON_CHECKPOINT_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 
@@ -155,6 +157,7 @@ def write_checkpoint(path, chunks: list[TensorChunk], objects: dict[str, Any],
         dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects, on_chunk), no_dist=True)
     # megatron's CheckpointingConfig (what dist_checkpointing.save writes last), without importing megatron
     (Path(path) / "metadata.json").write_text(json.dumps(MEGATRON_CHECKPOINT_CONFIG))
+    checkpoint_integrity.write_manifest(path)  # what the trainer writes too: loads verify it
 
 
 def _narrow(t: torch.Tensor, offsets, lengths) -> torch.Tensor:
@@ -164,7 +167,7 @@ def _narrow(t: torch.Tensor, offsets, lengths) -> torch.Tensor:
 
 
 class _CachedReader(FileSystemReader):
-    """Reads ``.metadata`` once for many region loads."""
+    """Reads ``.metadata`` once for many region loads, with the restricted unpickler (never plain pickle)."""
 
     def __init__(self, path):
         super().__init__(str(path))
@@ -172,7 +175,8 @@ class _CachedReader(FileSystemReader):
 
     def read_metadata(self, *args, **kwargs):
         if self._metadata is None:
-            self._metadata = super().read_metadata(*args, **kwargs)
+            self._metadata = safe_unpickle.load_metadata(self.path)
+            self._metadata.storage_meta.load_id = self.load_id
         return self._metadata
 
 
@@ -202,10 +206,7 @@ class CheckpointReader:
     def __init__(self, path):
         self.path = Path(path)
         self._reader = _CachedReader(self.path)
-        try:
-            self.metadata = self._reader.read_metadata()
-        except Exception as e:
-            raise ValueError(f"cannot read checkpoint metadata {self.path}/.metadata: {e}") from e
+        self.metadata = self._reader.read_metadata()  # ValueError naming the file when unreadable or unsafe
 
     def tensor(self, key: str) -> TensorStorageMetadata:
         md = self.metadata.state_dict_metadata.get(key)

@@ -22,6 +22,7 @@ from checkpoints_convert.core import HF_DTYPE_NAMES, FamilyMap, dims, family_dty
 from checkpoints_convert.dcp_io import CheckpointReader
 from checkpoints_convert.hf_io import ShardedSafetensorsWriter
 from checkpoints_convert.staging import staged_output
+from megatron_var import checkpoint_integrity
 from megatron_var import checkpoint_layout as layout
 from megatron_var.models.arch import ModelArch, arch_from_hf_config, hf_config_from_arch
 
@@ -106,6 +107,7 @@ def convert_megatron_to_hf(load, out, dtype: Optional[str] = None, iteration: Op
     root = Path(load)
     arch = layout.read_arch(root)
     ckpt_dir = layout.resolve_checkpoint(root, iteration)
+    checkpoint_integrity.ensure_intact(ckpt_dir)  # manifest + safe metadata, before reading a tensor
     fmap = family_map(arch.family)
     reader = CheckpointReader(ckpt_dir)
     check_checkpoint(fmap, arch, reader)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import shutil
 from pathlib import Path
 from typing import Optional
 
+from megatron_var import checkpoint_integrity, safe_unpickle
 from megatron_var.models.arch import ModelArch
 
 logger = logging.getLogger(__name__)
@@ -115,22 +115,17 @@ def resolve_checkpoint(root, iteration: Optional[int] = None) -> Path:
 
 def checkpoint_tensor_shapes(ckpt_dir) -> dict[str, tuple[int, ...]]:
     """{ShardedTensor key: global shape} of every tensor in a torch_dist checkpoint (reads the metadata only)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    try:
-        md = FileSystemReader(str(ckpt_dir)).read_metadata()
-    except (OSError, pickle.UnpicklingError, EOFError) as e:
-        raise ValueError(f"cannot read checkpoint metadata {ckpt_dir}/.metadata: {e}") from e
+    md = safe_unpickle.load_metadata(ckpt_dir)
     return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
 def checkpoint_object_keys(ckpt_dir) -> set[str]:
     """Unique keys of the ShardedObjects (bytes items) in a torch_dist checkpoint."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    md = FileSystemReader(str(ckpt_dir)).read_metadata()
+    md = safe_unpickle.load_metadata(ckpt_dir)
     return {k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
 
 
@@ -141,7 +136,7 @@ def _model_sharded_sd(chunks: list) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _check_tensors(sd: dict, shapes: dict[str, tuple], ckpt: Path) -> None:
+def check_model_shapes(sd: dict, shapes: dict[str, tuple], ckpt: Path) -> None:
     """Clear errors for a model tensor that the checkpoint lacks or holds with another global shape."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -155,6 +150,22 @@ def _check_tensors(sd: dict, shapes: dict[str, tuple], ckpt: Path) -> None:
         if isinstance(sh, ShardedTensor) and tuple(sh.global_shape) != shapes[sh.key]:
             raise ValueError(f"checkpoint of a different model shape: {sh.key} is {list(shapes[sh.key])} in {ckpt}, "
                              f"this model expects {list(sh.global_shape)} (check model_arch.json)")
+
+
+def load_error_summary(e: BaseException) -> str:
+    """One line for what ``dist_checkpointing.load`` raised: torch DCP's ``CheckpointException`` carries every
+    rank's failure with a formatted traceback; keep the first original error's type and first line."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        for f in failures.values():
+            orig = f[0] if isinstance(f, tuple) and f else f
+            if isinstance(orig, BaseException):
+                e = orig
+                break
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, EOFError) and not first:
+        first = "a file ends early (truncated?)"
+    return f"{type(e).__name__}: {first}"
 
 
 def _drop_missing_extra_state(sd: dict, object_keys: set[str]) -> None:
@@ -177,17 +188,17 @@ def load_model(chunks: list, root, iteration: Optional[int] = None) -> Path:
     state are ignored), whatever TP/PP/VPP they were written with. Returns the ``iter_*`` directory read.
     """
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
 
     ckpt = resolve_checkpoint(root, iteration)
+    checkpoint_integrity.ensure_intact(ckpt, collective=True)  # before anything unpickles its metadata
     sd = _model_sharded_sd(chunks)
-    _check_tensors(sd, checkpoint_tensor_shapes(ckpt), ckpt)
+    check_model_shapes(sd, checkpoint_tensor_shapes(ckpt), ckpt)
     _drop_missing_extra_state(sd, checkpoint_object_keys(ckpt))
     try:
         loaded = dist_checkpointing.load(sd, str(ckpt))
-    except (CheckpointingException, KeyError, RuntimeError) as e:
-        raise ValueError(f"cannot load model tensors from {ckpt} ({type(e).__name__}: {e}); "
-                         "is it a checkpoint of a different model shape?") from e
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise ValueError(f"cannot load model tensors from {ckpt} ({load_error_summary(e)})") from e
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys):
         result = chunk.load_state_dict(loaded[key], strict=False)

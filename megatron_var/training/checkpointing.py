@@ -5,8 +5,10 @@ Layout of ``--save`` (also what ``--load`` reads):
     latest_checkpointed_iteration.txt the iteration ``--load`` resumes from; replaced atomically, last
     iter_0000042/                     megatron-core dist checkpoint: model, optimizer, LR scheduler, trainer state
 Why atomic: a crash during a save must leave the previous checkpoint as the one ``--load`` finds. The new
-checkpoint is written to ``iter_XXXXXXX.tmp``, renamed when every rank has finished, and only then is the tracker
-file replaced (tmp + ``os.replace``).
+checkpoint is written to ``iter_XXXXXXX.tmp``, gets its checksum manifest when every rank has finished, is
+renamed, and only then is the tracker file replaced (tmp + ``os.replace``).
+Why verified: ``--load`` checks the manifest and reads the metadata with a restricted unpickler before megatron
+touches the files; a damaged latest checkpoint is reported by file and the newest intact one is loaded instead.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_var.checkpoint_layout import TRACKER, iteration_dir, latest_iteration, write_latest
+from megatron_var import checkpoint_integrity
+from megatron_var.checkpoint_layout import (TRACKER, check_model_shapes, checkpoint_tensor_shapes, iteration_dir,
+                                            latest_iteration, load_error_summary, write_latest)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +65,7 @@ def save_checkpoint(root, iteration: int, model: list, optimizer=None, scheduler
     sd["trainer_state"] = dict(trainer_state or {}, iteration=iteration)
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
+    checkpoint_integrity.write_manifest(tmp, collective=True)  # before the rename: a final dir always has one
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -74,7 +80,8 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
     """Load model (and optimizer/scheduler when given and present) from ``root``; returns the trainer state.
 
     A checkpoint written by ``hf_to_megatron.py`` holds model weights only: then the trainer state is empty and a
-    fresh run starts from those weights.
+    fresh run starts from those weights. ``checkpoint_iteration`` in the result is the iteration actually read
+    (older than the tracker's when the latest was damaged).
     """
     root = Path(root)
     if not root.is_dir():
@@ -86,7 +93,9 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
     if not ckpt.is_dir():
         what = "tracker names" if iteration is None else "asked for"
         raise ValueError(f"--load {root}: {what} iteration {it} but {ckpt} is missing")
+    ckpt = _intact_checkpoint(root, it, fallback=iteration is None)
     sd = _model_sd(model)
+    check_model_shapes(sd, checkpoint_tensor_shapes(ckpt), ckpt)
     has_train_state = _has_key(ckpt, "trainer_state")  # converter checkpoints hold model weights only
     if has_train_state and optimizer is not None:
         _materialise_optimizer_state(optimizer)
@@ -100,9 +109,8 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
                 else "model weights")
     try:
         loaded = dist_checkpointing.load(sd, str(ckpt))
-    except Exception as e:  # megatron raises several types for shape/key mismatches
-        raise ValueError(f"--load {ckpt}: cannot load into this model ({type(e).__name__}: {e}); "
-                         "is it a checkpoint of a different model shape?") from e
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException derives from BaseException
+        raise ValueError(f"--load {ckpt}: cannot load it ({load_error_summary(e)})") from e
     keys = ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
     for m, k in zip(model, keys):
         getattr(m, "module", m).load_state_dict(loaded[k], strict=False)
@@ -113,11 +121,38 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
     if has_train_state and scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     logger.info("loaded checkpoint %s in %.1f s", ckpt, time.perf_counter() - t0)
-    return dict(loaded.get("trainer_state", {})) if has_train_state else {}
+    state = dict(loaded.get("trainer_state", {})) if has_train_state else {}
+    return dict(state, checkpoint_iteration=int(ckpt.name.split("_")[1]))
+
+
+def _intact_checkpoint(root: Path, it: int, fallback: bool) -> Path:
+    """``iter_<it>`` when its files match its manifest and its metadata is safe to read; otherwise (``fallback``)
+    the newest intact older ``iter_*`` in ``root``, with the damage and the fallback logged. All ranks call it
+    and get the same answer (the verdict is gathered); the ValueError names the damage of every iteration tried."""
+    older = sorted((int(d.name[5:]) for d in root.glob("iter_*") if d.is_dir() and d.name[5:].isdigit()
+                    and int(d.name[5:]) < it), reverse=True) if fallback else []
+    damaged = []
+    for cand in [it, *older]:
+        ckpt = iteration_dir(root, cand)
+        problems = checkpoint_integrity.check(ckpt, collective=True)
+        if not problems:
+            if damaged and dist.get_rank() == 0:
+                logger.warning("falling back to %s, the newest intact checkpoint in %s (the latest, %s, is "
+                               "damaged)", ckpt.name, root, iteration_dir(root, it).name)
+            return ckpt
+        damaged.append(f"{ckpt.name}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+        if dist.get_rank() == 0:
+            logger.error("checkpoint %s is damaged: %s", ckpt, "; ".join(problems))
+    if not fallback:
+        raise ValueError(f"--load {root} --ckpt-step {it}: checkpoint is damaged: {damaged[0]}")
+    raise ValueError(f"--load {root}: no intact checkpoint: {'; '.join(damaged)}")
 
 
 def _has_key(ckpt: Path, key: str) -> bool:
-    return key in dist_checkpointing.load_common_state_dict(str(ckpt))
+    try:
+        return key in dist_checkpointing.load_common_state_dict(str(ckpt))
+    except (Exception, CheckpointException) as e:
+        raise ValueError(f"--load {ckpt}: cannot read its common state ({load_error_summary(e)})") from e
 
 
 def _materialise_optimizer_state(optimizer) -> None:

@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from tqdm import tqdm
 
-from megatron_var.checkpoint_layout import copy_hf_files, hf_dir
+from megatron_var.checkpoint_layout import copy_hf_files, hf_dir, load_model
 from megatron_var.data.groups import GroupDataset
 from megatron_var.models.arch import ModelArch
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
@@ -173,6 +173,7 @@ class Trainer:
         if cfg.load:
             state = ckpt.load_checkpoint(cfg.load, self.model, None if cfg.finetune else self.optimizer,
                                          None if cfg.finetune else self.scheduler, iteration=cfg.ckpt_step)
+            loaded_iteration = state.pop("checkpoint_iteration")  # the tracker's, or an older intact one
             state = {} if cfg.finetune else state
             self.iteration = int(state.get("iteration", 0))
             self.consumed = int(state.get("consumed_groups", 0))
@@ -181,8 +182,7 @@ class Trainer:
         # where they came from in its trainer state
         self.ref_source = state.get("ref_source") or (
             {"root": cfg.ref_load, "iteration": None} if cfg.ref_load else
-            {"root": cfg.load, "iteration": cfg.ckpt_step if cfg.ckpt_step is not None else
-             ckpt.latest_iteration(cfg.load)} if cfg.load else
+            {"root": cfg.load, "iteration": loaded_iteration} if cfg.load else
             {"root": cfg.save, "iteration": 0})
         if not cfg.load and cfg.save:
             self.save(weights_only=True)  # iteration 0: the random initial weights = the reference source
@@ -193,7 +193,7 @@ class Trainer:
 
             def make_ref() -> FrozenReference:
                 ref_chunks = build_model_chunks(self.arch, pc, options)
-                ckpt.load_checkpoint(self.ref_source["root"], ref_chunks, iteration=self.ref_source["iteration"])
+                load_model(ref_chunks, self.ref_source["root"], self.ref_source["iteration"])  # checks shapes
                 return FrozenReference(ref_chunks, self.arch.vocab_size, self.pad_id,
                                        method=cfg.cross_pair_method, offload=cfg.ref_offload,
                                        pad_to_multiple_of=self._pad_multiple())
