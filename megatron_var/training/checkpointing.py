@@ -111,6 +111,7 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
     for m, k in zip(model, keys):
         getattr(m, "module", m).load_state_dict(loaded[k], strict=False)
     if has_train_state and optimizer is not None:
+        _adopt_current_schedule_bounds(loaded["optimizer"], optimizer)
         with torch.no_grad(), _step_free_state_copy(optimizer):  # fp32 main params are leaves requiring grad
             optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
@@ -144,6 +145,30 @@ def _materialise_optimizer_state(optimizer) -> None:
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if not opt.optimizer.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
             opt._init_optimizer_states_with_dummy_values()
+
+
+_SCHEDULE_BOUNDS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _adopt_current_schedule_bounds(optimizer_sd, optimizer) -> None:
+    """Give the loaded param groups this run's LR/WD bounds (--lr, --min-lr, --weight-decay).
+
+    megatron-core pairs saved and current param groups by these values too, so a resume with another --lr would
+    fail with a KeyError; the schedule follows the current flags (training/progress.py), so they are adopted.
+    Only bounds shared by every current group are set (groups that differ in them are left to megatron).
+    """
+    current = [g for opt in getattr(optimizer, "chained_optimizers", [optimizer]) for g in opt.param_groups]
+    shared = {k: current[0][k] for k in _SCHEDULE_BOUNDS
+              if current and all(k in g and g[k] == current[0][k] for g in current)}
+
+    def walk(x):
+        if isinstance(x, dict):
+            for g in x.get("param_groups", []) if isinstance(x.get("param_groups"), list) else []:
+                g.update({k: v for k, v in shared.items() if k in g})
+            for v in x.values():
+                walk(v)
+
+    walk(optimizer_sd)
 
 
 @contextlib.contextmanager
