@@ -20,8 +20,12 @@ launch() {
   # resume from SAVE_DIR when it already holds a checkpoint, else start from LOAD_DIR's weights
   if [ -f "$SAVE_DIR/latest_checkpointed_iteration.txt" ]; then resume=(--load "$SAVE_DIR" --ref-load "${REF_LOAD:-$LOAD_DIR}");
   else resume=(--load "$LOAD_DIR" --finetune ${REF_LOAD:+--ref-load "$REF_LOAD"}); fi
+  # SLURM signals every process of the step: the training ranks handle SIGTERM/SIGUSR1 (finish the iteration,
+  # save, exit 0); torchrun's agent ignores both, or it would die of SIGUSR1 or kill the ranks before they saved
+  trap '' USR1 TERM
   # shellcheck disable=SC2086
-  exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
+  exec torchrun --signals_to_handle SIGINT,SIGHUP,SIGQUIT \
+    --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m megatron_var.train \
     --data-path "$DATA_DIR" --save "$SAVE_DIR" "${resume[@]}" "$@" ${EXTRA_ARGS:-}
 }
