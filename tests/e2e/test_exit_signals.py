@@ -3,7 +3,6 @@ run after a whole iteration on every rank, with a checkpoint at that iteration a
 the directory continues from there (one scenario: a job requeued three times)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -53,8 +52,10 @@ def _run_until_signalled(cmd, save, after_iteration, send):
         proc.wait(timeout=300)
         return proc.returncode, log.read_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # a failed test: the ranks run in their own sessions, kill them one by one
+            for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                p.kill()
+            proc.wait()
 
 
 def _last_iteration(save) -> int:

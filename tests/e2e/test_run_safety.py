@@ -70,10 +70,10 @@ def test_new_run_into_a_run_directory_is_refused(tiny, runs, tmp_path):
     short, _ = runs
     d = _copy(short, tmp_path / "d")
     before = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
-    r = _train(*_cmd(tiny, d, "--model-arch", str(tiny / "model_arch.json"), "--train-iters", "1"), rc=2)
+    r = _train(*_cmd(tiny, d, "--model-arch", str(tiny / "model_arch.json"), "--train-iters", "2"), rc=2)
     line = one_error_line(r.stderr)
     assert f"--save {d} already holds a training run" in line and "--overwrite" in line
-    r = _train(*_cmd(tiny, d, "--load", str(d), "--finetune", "--train-iters", "1"), rc=2)
+    r = _train(*_cmd(tiny, d, "--load", str(d), "--finetune", "--train-iters", "2"), rc=2)
     assert "a new run cannot replace the checkpoint it starts from" in one_error_line(r.stderr)
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == before
 
@@ -113,7 +113,7 @@ def test_data_of_another_tokenizer_is_refused(tiny, runs, other_data, tmp_path):
     short, _ = runs
     # against the tokenizer files of the checkpoint (converted checkpoints carry them)
     start = _with_tokenizer(tiny, short, tmp_path / "start")
-    r = _train(*_cmd(tiny, tmp_path / "new", "--load", str(start), "--finetune", "--train-iters", "1",
+    r = _train(*_cmd(tiny, tmp_path / "new", "--load", str(start), "--finetune", "--train-iters", "2",
                      data=other_data), rc=2)
     line = one_error_line(r.stderr)
     assert str(other_data) in line and str(other_data.parent / "tokenizer") in line and str(start / "hf") in line
@@ -128,7 +128,7 @@ def test_model_vocab_smaller_than_the_data_tokenizer_is_refused(tiny, tmp_path):
     arch = json.loads((tiny / "model_arch.json").read_text())
     arch["vocab_size"] = 100
     (tmp_path / "arch.json").write_text(json.dumps(arch))
-    r = _train(*_cmd(tiny, tmp_path / "run", "--model-arch", str(tmp_path / "arch.json"), "--train-iters", "1"),
+    r = _train(*_cmd(tiny, tmp_path / "run", "--model-arch", str(tmp_path / "arch.json"), "--train-iters", "2"),
                rc=2)
     line = one_error_line(r.stderr)
     assert "vocab_size 100" in line and str(tiny / "data") in line
