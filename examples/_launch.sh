@@ -42,7 +42,10 @@ launch() {
     printf '%s\0' "${argv[@]}"
     exit 0
   fi
+  # SLURM signals every process of the step: the training ranks handle SIGTERM/SIGUSR1 (finish the iteration,
+  # save, exit 0); torchrun's agent ignores both, or it would die of SIGUSR1 or kill the ranks before they saved
+  trap '' USR1 TERM
   # shellcheck disable=SC2086  # TORCHRUN may be a command with arguments
-  exec ${TORCHRUN:-torchrun} --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
+  exec ${TORCHRUN:-torchrun} --signals_to_handle SIGINT,SIGHUP,SIGQUIT --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m megatron_var.train "${argv[@]}"
 }

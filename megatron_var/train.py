@@ -2,6 +2,9 @@
 
 Flags follow Megatron-LM's names where one exists; VAR's own are prefixed ``--var-``. User errors (bad flags,
 missing paths, layouts that do not fit) end with one ``error:`` line and exit code 2, never a traceback.
+SIGTERM or SIGUSR1 (SLURM's warning signals), ``--exit-duration-in-mins`` and ``--exit-interval`` stop the run after
+the current iteration with a checkpoint and exit code 0; ``--load`` of that directory resumes it, also in another
+TP/PP/DP layout or with another --global-batch-size / --train-iters / --epochs.
 """
 
 from __future__ import annotations
@@ -42,8 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score every group's reference matrix once before training (forward-only, same layout), "
                         "train from <save>/ref_cache.pt (reused on resume); VAR and DPO")
     g.add_argument("--model-arch", help="model_arch.json for a randomly initialised model (no --load)")
-    g.add_argument("--save")
+    g.add_argument("--save", help="checkpoint directory of this run; a new run into a directory that holds another "
+                   "run is refused (resume that run with --load = --save, or see --overwrite)")
     g.add_argument("--save-interval", type=int)
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in --save although it holds another run: DELETES that run's checkpoints, "
+                        "metrics and reference cache first")
+    g.add_argument("--exit-duration-in-mins", type=float,
+                   help="save and exit 0 once the job has run this many minutes (leave time for the save)")
+    g.add_argument("--exit-interval", type=int, help="save and exit 0 after an iteration divisible by this")
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=1, help="groups per micro-batch")
     g.add_argument("--global-batch-size", type=int, default=1, help="groups per iteration over all DP ranks")
@@ -104,7 +114,8 @@ def main(argv=None) -> int:
                           save_interval=args.save_interval, log_interval=args.log_interval,
                           max_nan_skips=args.max_nan_skips, tensorboard_dir=args.tensorboard_dir,
                           wandb_project=args.wandb_project, eval_interval=args.eval_interval,
-                          eval_iters=args.eval_iters)
+                          eval_iters=args.eval_iters, overwrite=args.overwrite,
+                          exit_duration_in_mins=args.exit_duration_in_mins, exit_interval=args.exit_interval)
         optim = OptimConfig(lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
                             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
                             use_distributed_optimizer=not args.no_use_distributed_optimizer)

@@ -13,6 +13,7 @@ touches the files; a damaged latest checkpoint is reported by file and the newes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -31,8 +32,10 @@ from megatron_var.checkpoint_layout import (TRACKER, check_model_shapes, checkpo
 
 logger = logging.getLogger(__name__)
 
-# per-bucket optimizer shards: fully parallel save/load; resume keeps the DP size of the saved run
-OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# model-space optimizer state (one tensor per parameter and Adam moment, keyed like the model's sharded tensors):
+# a resume may change TP, PP and DP. The per-bucket 'dp_reshardable' format saves without gathering but ties the
+# checkpoint to the saved TP x PP layout; checkpoints written in it still load when the layout is unchanged.
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def _model_sd(model: list) -> dict:
@@ -96,11 +99,12 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
     ckpt = _intact_checkpoint(root, it, fallback=iteration is None)
     sd = _model_sd(model)
     check_model_shapes(sd, checkpoint_tensor_shapes(ckpt), ckpt)
-    has_train_state = _has_key(ckpt, "trainer_state")  # converter checkpoints hold model weights only
+    common = _common_state(ckpt)
+    has_train_state = "trainer_state" in common  # converter checkpoints hold model weights only
     if has_train_state and optimizer is not None:
         _materialise_optimizer_state(optimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(sd if len(model) > 1 else sd["model"], is_loading=True,
-                                                       metadata=OPTIM_METADATA)
+                                                       metadata=_saved_optim_metadata(common.get("optimizer")))
     if has_train_state:
         sd["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else {}
         sd["trainer_state"] = {}
@@ -115,7 +119,8 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
     for m, k in zip(model, keys):
         getattr(m, "module", m).load_state_dict(loaded[k], strict=False)
     if has_train_state and optimizer is not None:
-        with torch.no_grad():  # copies into fp32 main params, which are leaves that require grad
+        _adopt_current_schedule_bounds(loaded["optimizer"], optimizer)
+        with torch.no_grad(), _step_free_state_copy(optimizer):  # fp32 main params are leaves requiring grad
             optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
     if has_train_state and scheduler is not None:
@@ -148,11 +153,27 @@ def _intact_checkpoint(root: Path, it: int, fallback: bool) -> Path:
     raise ValueError(f"--load {root}: no intact checkpoint: {'; '.join(damaged)}")
 
 
-def _has_key(ckpt: Path, key: str) -> bool:
+def _common_state(ckpt: Path) -> dict:
+    """The checkpoint's common (non-sharded) state: trainer state, scheduler, the optimizer's format."""
     try:
-        return key in dist_checkpointing.load_common_state_dict(str(ckpt))
+        return dist_checkpointing.load_common_state_dict(str(ckpt))
     except (Exception, CheckpointException) as e:
         raise ValueError(f"--load {ckpt}: cannot read its common state ({load_error_summary(e)})") from e
+
+
+def _saved_optim_metadata(common_optimizer) -> dict:
+    """The distributed-optimizer format the checkpoint was written in (loading must request the same one)."""
+    found = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            if "param_state_sharding_type" in x:
+                found.append(x["param_state_sharding_type"])
+            for v in x.values():
+                walk(v)
+
+    walk(common_optimizer)
+    return {"distrib_optim_sharding_type": found[0]} if found else OPTIM_METADATA
 
 
 def _materialise_optimizer_state(optimizer) -> None:
@@ -164,6 +185,53 @@ def _materialise_optimizer_state(optimizer) -> None:
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if not opt.optimizer.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
             opt._init_optimizer_states_with_dummy_values()
+
+
+_SCHEDULE_BOUNDS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _adopt_current_schedule_bounds(optimizer_sd, optimizer) -> None:
+    """Give the loaded param groups this run's LR/WD bounds (--lr, --min-lr, --weight-decay).
+
+    megatron-core pairs saved and current param groups by these values too, so a resume with another --lr would
+    fail with a KeyError; the schedule follows the current flags (training/progress.py), so they are adopted.
+    Only bounds shared by every current group are set (groups that differ in them are left to megatron).
+    """
+    current = [g for opt in getattr(optimizer, "chained_optimizers", [optimizer]) for g in opt.param_groups]
+    shared = {k: current[0][k] for k in _SCHEDULE_BOUNDS
+              if current and all(k in g and g[k] == current[0][k] for g in current)}
+
+    def walk(x):
+        if isinstance(x, dict):
+            for g in x.get("param_groups", []) if isinstance(x.get("param_groups"), list) else []:
+                g.update({k: v for k, v in shared.items() if k in g})
+            for v in x.values():
+                walk(v)
+
+    walk(optimizer_sd)
+
+
+@contextlib.contextmanager
+def _step_free_state_copy(optimizer):
+    """Let megatron-core copy the model-space optimizer state into torch Adam's state, which holds a 'step'
+    tensor the checkpoint's per-parameter tensors do not have.
+
+    Without apex/TE, megatron-core 0.19's loader for the reshardable formats copies every tensor of the Adam state
+    from the loaded tensors by key and fails with ``KeyError: 'step'``. A ``None`` entry is skipped by that copy;
+    the step itself comes from the param groups (``_unshare_adam_steps``).
+    """
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is not None:
+            opt._set_main_param_and_optimizer_states = \
+                lambda param, tensors, _set=setter: _set(param, {"step": None, **tensors})
+            patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
 
 
 def _unshare_adam_steps(optimizer) -> None:

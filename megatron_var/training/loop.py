@@ -21,7 +21,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from tqdm import tqdm
 
 from megatron_var.checkpoint_layout import copy_hf_files, hf_dir, load_model
@@ -36,6 +35,9 @@ from megatron_var.reference import FrozenReference
 from megatron_var.training import batches as B
 from megatron_var.training import checkpointing as ckpt
 from megatron_var.training import ref_gap
+from megatron_var.training import progress, run_dir
+from megatron_var.training.data_checks import arch_source, check_data_tokenizer, data_tokenizer
+from megatron_var.training.exit_conditions import ExitConditions
 from megatron_var.training.logging_sinks import MetricSinks
 from megatron_var.training.engine import OptimConfig, build_optimizer, run_schedule, sum_reports, wrap_ddp
 from megatron_var.training.objective_steps import alol_reduce, dpo_reduce, var_reduce
@@ -103,6 +105,12 @@ class TrainConfig:
     eval_iters: int = 10
     """Global batches of the held-out split per evaluation (fewer when the split is smaller)."""
     wandb_project: Optional[str] = None
+    overwrite: bool = False
+    """Delete the run already in --save before starting (otherwise a new run into it is refused)."""
+    exit_duration_in_mins: Optional[float] = None
+    """Save and exit 0 once the job has run this long (Megatron-LM's flag; all ranks agree)."""
+    exit_interval: Optional[int] = None
+    """Save and exit 0 after an iteration divisible by this (Megatron-LM's flag)."""
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -123,6 +131,10 @@ class TrainConfig:
             raise ValueError("--ref-cache needs --objective var, dpo or alol (SFT has no reference)")
         if self.load is None and self.model_arch is None:
             raise ValueError("give --load (a megatron_var checkpoint) or --model-arch (random init)")
+        if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
+            raise ValueError(f"--exit-duration-in-mins must be > 0, got {self.exit_duration_in_mins}")
+        if self.exit_interval is not None and self.exit_interval < 1:
+            raise ValueError(f"--exit-interval must be >= 1, got {self.exit_interval}")
 
 
 def _arch(cfg: TrainConfig) -> ModelArch:
@@ -141,8 +153,11 @@ def _is_last_stage_holder() -> bool:
 class Trainer:
     def __init__(self, cfg: TrainConfig, pc: ParallelConfig, optim: OptimConfig, options: ModelOptions):
         self.cfg, self.pc = cfg, pc
+        self.exit = ExitConditions(cfg.exit_duration_in_mins, cfg.exit_interval)
         self._nan_iters = _injected_nan_iterations()
         self.arch = _arch(cfg)
+        if run_dir.check_save_dir(cfg.save, cfg.load, cfg.finetune, cfg.overwrite, cfg.ref_load):
+            run_dir.clear_run(cfg.save)
         self.data = GroupDataset(cfg.data_path, "train", require_rewards=cfg.objective in NEEDS_REWARDS)
         self.valid = None
         if cfg.eval_interval:
@@ -159,25 +174,29 @@ class Trainer:
         chunks = build_model_chunks(self.arch, pc, options)
         self.model = wrap_ddp(chunks, optim)
         self.optimizer = build_optimizer(self.model, optim)
-        self.iters = cfg.train_iters or max(1, math.ceil(cfg.epochs * len(self.data) / cfg.global_batch_size))
-        if cfg.lr_warmup_iters >= self.iters:
-            raise ValueError(f"--lr-warmup-iters {cfg.lr_warmup_iters} must be below the {self.iters} training "
-                             "iterations")
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
-            lr_warmup_steps=cfg.lr_warmup_iters, lr_decay_steps=self.iters, lr_decay_style=cfg.lr_decay_style,
-            start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=self.iters,
-            wd_incr_style="constant")
         self.iteration, self.consumed, self.nan_skips = 0, 0, 0
         state = {}
         if cfg.load:
+            # the LR schedule is rebuilt from consumed groups and this run's flags, not loaded (progress.py)
             state = ckpt.load_checkpoint(cfg.load, self.model, None if cfg.finetune else self.optimizer,
-                                         None if cfg.finetune else self.scheduler, iteration=cfg.ckpt_step)
+                                         iteration=cfg.ckpt_step)
             loaded_iteration = state.pop("checkpoint_iteration")  # the tracker's, or an older intact one
+        check_data_tokenizer(self.data, self.arch, arch_source(cfg.load, cfg.model_arch), cfg.load,
+                             state.get("data_tokenizer"))
+        if cfg.load:
             state = {} if cfg.finetune else state
             self.iteration = int(state.get("iteration", 0))
             self.consumed = int(state.get("consumed_groups", 0))
             self.nan_skips = int(state.get("nan_skips", 0))
+        self.plan = progress.plan_run(iteration=self.iteration, consumed=self.consumed,
+                                      global_batch_size=cfg.global_batch_size, num_groups=len(self.data),
+                                      train_iters=cfg.train_iters, epochs=cfg.epochs,
+                                      lr_warmup_iters=cfg.lr_warmup_iters,
+                                      warmup_groups=state.get("lr_warmup_groups"))
+        self.iters = self.plan.end_iteration
+        self.scheduler = progress.build_scheduler(self.optimizer, self.plan, self.consumed, lr=optim.lr,
+                                                  min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+                                                  decay_style=cfg.lr_decay_style)
         # the reference is the policy's *initial* weights unless --ref-load says otherwise; a resumed run finds
         # where they came from in its trainer state
         self.ref_source = state.get("ref_source") or (
@@ -189,7 +208,7 @@ class Trainer:
         self.ref, self.ref_cache = None, None
         if cfg.objective != "sft":
             if not self.ref_source["root"]:
-                raise ValueError("VAR/DPO need a reference: give --load, --ref-load or --save")
+                raise ValueError("VAR, DPO and A-LoL need a reference: give --load, --ref-load or --save")
 
             def make_ref() -> FrozenReference:
                 ref_chunks = build_model_chunks(self.arch, pc, options)
@@ -307,7 +326,7 @@ class Trainer:
             ok, grad_norm = False, float("nan")
         else:
             ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        self.scheduler.step(increment=cfg.global_batch_size)
         self.iteration += 1
         self.consumed += cfg.global_batch_size
         dt = time.perf_counter() - t0
@@ -351,7 +370,8 @@ class Trainer:
         self.sinks.log(rec)
 
     def train(self) -> None:
-        while self.iteration < self.iters:
+        stop = None
+        while self.iteration < self.iters and stop is None:
             rec = self.train_step()
             if dist.get_rank() == 0:
                 if self.metrics_path:
@@ -369,12 +389,17 @@ class Trainer:
                 self._log_eval()
             if self.cfg.save and self.cfg.save_interval and self.iteration % self.cfg.save_interval == 0:
                 self.save()
-        if self.cfg.eval_interval and self.iteration % self.cfg.eval_interval:
+            stop = self.exit.check(self.iteration) if self.iteration < self.iters else None
+        if stop is not None:
+            logger.warning("stopping after iteration %d of %d: %s%s", self.iteration, self.iters, stop,
+                           "" if self.cfg.save else " (no --save: nothing is saved)")
+        elif self.cfg.eval_interval and self.iteration % self.cfg.eval_interval:
             self._log_eval()
         if self.cfg.save and (not self.cfg.save_interval or self.iteration % self.cfg.save_interval):
             self.save()
         if self.sinks is not None:
             self.sinks.close()
+        self.exit.restore()
 
     def save(self, weights_only: bool = False) -> None:
         if dist.get_rank() == 0:
@@ -386,17 +411,17 @@ class Trainer:
         ckpt.save_checkpoint(self.cfg.save, self.iteration, self.model, None if weights_only else self.optimizer,
                              None if weights_only else self.scheduler,
                              {"consumed_groups": self.consumed, "nan_skips": self.nan_skips,
-                              "ref_source": self.ref_source})
+                              "ref_source": self.ref_source, "data_tokenizer": data_tokenizer(self.data),
+                              "lr_warmup_groups": self.plan.warmup_groups})
 
 
 def _global_stats(summed: dict, extra: dict, tokens: int) -> dict:
     """Sum loss/units/metric sums over the last-stage ranks of all DP replicas (TP rank 0), tokens over DP."""
     holder = _is_last_stage_holder() and parallel_state.get_tensor_model_parallel_rank() == 0
-    # only the last pipeline stage has reports and metrics: agree on the keys, or the all_reduce sizes differ
-    seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (sorted(summed), sorted(extra)))
-    extra_keys = set().union(*(e for _, e in seen))
-    keys = sorted(set().union(*(s for s, _ in seen)) | extra_keys)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        # only last-stage ranks have reports: every rank must all-reduce the same keys (and know which are means)
+        summed, extra = _with_last_stage_keys(summed, extra)
+    keys = sorted(set(summed) | set(extra))
     vals = [summed.get(k, 0.0) + (extra.get(k, 0.0) if holder else 0.0) if holder else 0.0 for k in keys]
     first_mp = parallel_state.get_tensor_model_parallel_rank() == 0 and \
         parallel_state.is_pipeline_first_stage(ignore_virtual=True)
@@ -404,7 +429,7 @@ def _global_stats(summed: dict, extra: dict, tokens: int) -> dict:
     dist.all_reduce(t)
     out = dict(zip(keys, t[:-2].tolist()))
     n_holders = max(t[-2].item(), 1.0)
-    for k in extra_keys:  # VAR metrics are means per DP replica: average them
+    for k in extra:  # VAR metrics are means per DP replica: average them
         out[k] = out[k] / n_holders
     units = max(out.get("units", 1.0), 1.0)
     for k in list(out):
@@ -412,3 +437,12 @@ def _global_stats(summed: dict, extra: dict, tokens: int) -> dict:
             out[k] = out[k] / units
     out["tokens"] = t[-1].item()
     return out
+
+
+def _with_last_stage_keys(summed: dict, extra: dict) -> tuple[dict, dict]:
+    """``summed`` and ``extra`` with every key a last-stage rank reports (0.0 where this rank has none)."""
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, (sorted(summed), sorted(extra)))
+    all_summed = {k for s, _ in names for k in s}
+    all_extra = {k for _, e in names for k in e}
+    return {k: summed.get(k, 0.0) for k in all_summed}, {k: extra.get(k, 0.0) for k in all_extra}
