@@ -17,6 +17,16 @@ import warnings
 import torch
 
 
+class RunLength(argparse.Action):
+    """--train-iters and --epochs say the same thing: the one given last wins, so a launcher's
+    ``--epochs 2`` is overridden by ``--train-iters 2000`` appended after it (examples/_launch.sh)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for dest in ("train_iters", "epochs"):
+            setattr(namespace, dest, None)
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_var.train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -57,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=1, help="groups per micro-batch")
     g.add_argument("--global-batch-size", type=int, default=1, help="groups per iteration over all DP ranks")
-    g.add_argument("--train-iters", type=int)
-    g.add_argument("--epochs", type=float)
+    g.add_argument("--train-iters", type=int, action=RunLength,
+                   help="run length in iterations (a later --train-iters or --epochs replaces an earlier one)")
+    g.add_argument("--epochs", type=float, action=RunLength, help="run length in passes over the train split")
     g.add_argument("--lr", type=float, default=1e-5)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
