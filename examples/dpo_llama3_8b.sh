@@ -7,7 +7,7 @@
 # Data: prepare_data --responses pairs (groups of 2: chosen, rejected).
 """:" # bash runs the lines up to `exit`; Python (torchrun examples/X.sh) sees a string
 source "$(dirname "$0")/_launch.sh"
-launch --objective dpo --dpo-beta 0.1 --micro-batch-size 4 --global-batch-size 64 --epochs 2 --lr 1e-5 --lr-warmup-iters 10 --tensor-model-parallel-size 2 --sequence-parallel --recompute-activations --save-interval 200 --log-interval 10 -- "$@"
+launch --objective dpo --dpo-beta 0.1 --micro-batch-size 4 --global-batch-size 64 --epochs 2 --lr 1e-5 --lr-warmup-iters 10 --tensor-model-parallel-size 2 --sequence-parallel --recompute-activations --save-interval-mins 30 --log-interval 10 -- "$@"
 exit
 ":"""
 import megatron_var.run_example_rank  # torchrun examples/X.sh: train in this rank

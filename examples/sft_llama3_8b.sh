@@ -8,7 +8,7 @@
 # Data: prepare_data --responses chosen (rewards not needed).
 """:" # bash runs the lines up to `exit`; Python (torchrun examples/X.sh) sees a string
 source "$(dirname "$0")/_launch.sh"
-launch --objective sft --micro-batch-size 1 --global-batch-size 16 --epochs 2 --lr 1e-5 --lr-warmup-iters 10 --tensor-model-parallel-size 2 --sequence-parallel --recompute-activations --save-interval 200 --log-interval 10 -- "$@"
+launch --objective sft --micro-batch-size 1 --global-batch-size 16 --epochs 2 --lr 1e-5 --lr-warmup-iters 10 --tensor-model-parallel-size 2 --sequence-parallel --recompute-activations --save-interval-mins 30 --log-interval 10 -- "$@"
 exit
 ":"""
 import megatron_var.run_example_rank  # torchrun examples/X.sh: train in this rank

@@ -8,7 +8,7 @@
 # other lengths/layouts (docs/performance.md, "Will my layout fit?").
 """:" # bash runs the lines up to `exit`; Python (torchrun examples/X.sh) sees a string
 source "$(dirname "$0")/_launch.sh"
-launch --objective var --var-lambda 1.0 --micro-batch-size 1 --epochs 2 --lr-warmup-iters 10 --lr-decay-style cosine --weight-decay 0.0 --clip-grad 1.0 --save-interval 200 --log-interval 10 --lr 5e-6 --min-lr 0 --global-batch-size 16 --tensor-model-parallel-size 4 --pipeline-model-parallel-size 2 --sequence-parallel --recompute-activations -- "$@"
+launch --objective var --var-lambda 1.0 --micro-batch-size 1 --epochs 2 --lr-warmup-iters 10 --lr-decay-style cosine --weight-decay 0.0 --clip-grad 1.0 --save-interval-mins 30 --log-interval 10 --lr 5e-6 --min-lr 0 --global-batch-size 16 --tensor-model-parallel-size 4 --pipeline-model-parallel-size 2 --sequence-parallel --recompute-activations -- "$@"
 exit
 ":"""
 import megatron_var.run_example_rank  # torchrun examples/X.sh: train in this rank

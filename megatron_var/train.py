@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-arch", help="model_arch.json for a randomly initialised model (no --load)")
     g.add_argument("--save", help="checkpoint directory of this run; a new run into a directory that holds another "
                    "run is refused (resume that run with --load = --save, or see --overwrite)")
-    g.add_argument("--save-interval", type=int)
+    g.add_argument("--save-interval", type=int, help="save every N iterations")
+    g.add_argument("--save-interval-mins", type=float,
+                   help="also save when N minutes of wall time have passed since the last save")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in --save although it holds another run: DELETES that run's checkpoints, "
                         "metrics and reference cache first")
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
                           load=args.load, finetune=args.finetune, ckpt_step=args.ckpt_step,
                           ref_load=args.ref_load, ref_offload=args.ref_offload, ref_cache=args.ref_cache,
                           model_arch=args.model_arch, save=args.save,
-                          save_interval=args.save_interval, log_interval=args.log_interval,
+                          save_interval=args.save_interval, save_interval_mins=args.save_interval_mins,
+                          log_interval=args.log_interval,
                           max_nan_skips=args.max_nan_skips, tensorboard_dir=args.tensorboard_dir,
                           wandb_project=args.wandb_project, eval_interval=args.eval_interval,
                           eval_iters=args.eval_iters, overwrite=args.overwrite,

@@ -38,6 +38,7 @@ from megatron_var.training import ref_gap
 from megatron_var.training import progress, run_dir
 from megatron_var.training.data_checks import arch_source, check_data_tokenizer, data_tokenizer
 from megatron_var.training.exit_conditions import ExitConditions
+from megatron_var.training.timed_saves import TimedSaves
 from megatron_var.training.logging_sinks import MetricSinks
 from megatron_var.training.engine import OptimConfig, build_optimizer, run_schedule, sum_reports, wrap_ddp
 from megatron_var.training.objective_steps import alol_reduce, dpo_reduce, var_reduce
@@ -97,6 +98,8 @@ class TrainConfig:
     model_arch: Optional[str] = None
     save: Optional[str] = None
     save_interval: Optional[int] = None
+    save_interval_mins: Optional[float] = None
+    """Also save when this many minutes have passed since the last save (rank 0's clock)."""
     log_interval: int = 1
     max_nan_skips: int = 10
     tensorboard_dir: Optional[str] = None
@@ -133,6 +136,8 @@ class TrainConfig:
             raise ValueError("give --load (a megatron_var checkpoint) or --model-arch (random init)")
         if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
             raise ValueError(f"--exit-duration-in-mins must be > 0, got {self.exit_duration_in_mins}")
+        if self.save_interval_mins is not None and self.save_interval_mins <= 0:
+            raise ValueError(f"--save-interval-mins must be > 0, got {self.save_interval_mins}")
         if self.exit_interval is not None and self.exit_interval < 1:
             raise ValueError(f"--exit-interval must be >= 1, got {self.exit_interval}")
 
@@ -154,6 +159,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, pc: ParallelConfig, optim: OptimConfig, options: ModelOptions):
         self.cfg, self.pc = cfg, pc
         self.exit = ExitConditions(cfg.exit_duration_in_mins, cfg.exit_interval)
+        self.timed_saves, self.saved_iteration = TimedSaves(cfg.save_interval_mins), None
         self._nan_iters = _injected_nan_iterations()
         self.arch = _arch(cfg)
         if run_dir.check_save_dir(cfg.save, cfg.load, cfg.finetune, cfg.overwrite, cfg.ref_load):
@@ -387,7 +393,8 @@ class Trainer:
                                         if k.startswith(("var/", "rewards/", "alol/"))))
             if self.cfg.eval_interval and self.iteration % self.cfg.eval_interval == 0:
                 self._log_eval()
-            if self.cfg.save and self.cfg.save_interval and self.iteration % self.cfg.save_interval == 0:
+            every = self.cfg.save_interval
+            if self.cfg.save and ((every and self.iteration % every == 0) or self.timed_saves.due()):
                 self.save()
             stop = self.exit.check(self.iteration) if self.iteration < self.iters else None
         if stop is not None:
@@ -395,13 +402,15 @@ class Trainer:
                            "" if self.cfg.save else " (no --save: nothing is saved)")
         elif self.cfg.eval_interval and self.iteration % self.cfg.eval_interval:
             self._log_eval()
-        if self.cfg.save and (not self.cfg.save_interval or self.iteration % self.cfg.save_interval):
+        if self.cfg.save and self.saved_iteration != self.iteration:
             self.save()
         if self.sinks is not None:
             self.sinks.close()
         self.exit.restore()
 
     def save(self, weights_only: bool = False) -> None:
+        self.saved_iteration = self.iteration
+        self.timed_saves.saved()
         if dist.get_rank() == 0:
             Path(self.cfg.save).mkdir(parents=True, exist_ok=True)
             self.arch.save(Path(self.cfg.save) / "model_arch.json")

@@ -133,3 +133,15 @@ def test_model_vocab_smaller_than_the_data_tokenizer_is_refused(tiny, tmp_path):
     line = one_error_line(r.stderr)
     assert "vocab_size 100" in line and str(tiny / "data") in line
     assert not (tmp_path / "run").exists()
+
+
+def test_save_interval_mins_saves_by_the_clock(tiny, tmp_path):
+    """--save-interval-mins saves whenever that much wall time has passed (here: after every iteration), and the
+    final iteration is saved once; without it only the end is saved."""
+    arch = ["--model-arch", str(tiny / "model_arch.json"), "--train-iters", "3"]
+    timed, plain = tmp_path / "timed", tmp_path / "plain"
+    _train(*_cmd(tiny, timed, *arch, "--save-interval-mins", "1e-6"))
+    _train(*_cmd(tiny, plain, *arch))
+    its = lambda d: sorted(p.name for p in d.glob("iter_*"))  # noqa: E731
+    assert its(timed) == ["iter_0000000", "iter_0000001", "iter_0000002", "iter_0000003"]
+    assert its(plain) == ["iter_0000000", "iter_0000003"]
