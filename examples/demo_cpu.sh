@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The embedded default, end to end on CPU (2 processes, TP=2, gloo), ~6 minutes on 2 cores:
-# tiny Llama + bundled instruction task -> hf_to_megatron -> prepare_data + score_rewards -> SFT -> SFT+VAR and
-# SFT+DPO -> megatron_to_hf -> eval_reward on held-out prompts (3 sampling seeds) -> table, summary.json, PNG.
+# tiny Llama + bundled instruction task -> hf_to_megatron -> prepare_data + score_rewards -> SFT -> SFT+VAR,
+# SFT+DPO and SFT+A-LoL -> megatron_to_hf -> eval_reward on held-out prompts (3 sampling seeds) -> table,
+# summary.json, PNG.
 # Env: WORK_DIR (default runs/demo), SEED (default 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
