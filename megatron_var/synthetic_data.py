@@ -37,6 +37,10 @@ def write_random_groups(out: Path, vocab_size: int, groups: int, group_size: int
     pq.write_table(pa.Table.from_arrays([pa.array(np.arange(groups, dtype=np.int64)),
                                          pa.ListArray.from_arrays(offsets, pa.array(rewards.ravel()))],
                                         schema=REWARD_SCHEMA), out / "train" / "rewards-00000.parquet")
+    # the ids come from no tokenizer: a fingerprint of their own, so the trainer's data check (ids within the
+    # model's vocabulary, the same data "tokenizer" on resume) applies as to any prepared directory
+    tokenizer = {"name_or_path": None, "fingerprint": f"synthetic-random-ids-{vocab_size}", "vocab_size": vocab_size}
     (out / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "group_size": group_size,
-                                             "splits": {"train": {"groups": groups}}, "synthetic": True}))
+                                             "tokenizer": tokenizer, "splits": {"train": {"groups": groups}},
+                                             "synthetic": True}))
     return out
