@@ -2,7 +2,8 @@
 from the cache.
 
 Why: the frozen reference never changes and group membership is fixed by data preparation, so each group's [B, B]
-matrix log pi_ref(y_j | x_i) is the same in every epoch. Scoring it once costs one forward-only pass over the data
+matrix log pi_ref(y_j | x_i) is the same in every epoch (with several groupings, ``prepare_data --regroup-epochs``,
+the cache covers the groups of all of them). Scoring it once costs one forward-only pass over the data
 (in the run's own TP/PP layout, through the same ``FrozenReference`` code as online scoring); after that a VAR
 step costs about an SFT step, and the reference weights need no device memory during training.
 
@@ -36,15 +37,19 @@ FORMAT = 1
 Kind = Literal["cross", "diagonal"]
 
 
-def cache_meta(data_dir: str, split: str, num_groups: int, reduction: str, ref_source: dict, kind: Kind) -> dict:
-    """What a cache is valid for. The data directory is identified by its path and the hash of its meta.json."""
+def cache_meta(data_dir: str, split: str, num_groups: int, reduction: str, ref_source: dict, kind: Kind,
+               groupings: int = 1) -> dict:
+    """What a cache is valid for. The data directory is identified by its path and the hash of its meta.json.
+    ``num_groups`` counts the groups of all ``groupings`` (``prepare_data --regroup-epochs``); ``groupings`` is
+    recorded only when > 1, so caches of one-grouping data made before it existed stay valid."""
     data_dir = Path(data_dir).resolve()
     meta_file = data_dir / "meta.json"
     digest = hashlib.sha256(meta_file.read_bytes()).hexdigest()[:16] if meta_file.is_file() else None
     root = ref_source.get("root")
     return {"format": FORMAT, "kind": kind, "data_dir": str(data_dir), "data_meta_sha256": digest, "split": split,
             "num_groups": int(num_groups), "reduction": reduction,
-            "ref_root": str(Path(root).resolve()) if root else None, "ref_iteration": ref_source.get("iteration")}
+            "ref_root": str(Path(root).resolve()) if root else None, "ref_iteration": ref_source.get("iteration"),
+            **({"groupings": int(groupings)} if groupings > 1 else {})}
 
 
 def build_cache(ref: FrozenReference, dataset: Sequence, *, reduction: str = "sum", kind: Kind = "cross",
@@ -119,6 +124,12 @@ def load_or_build(dirs: Sequence[Optional[str]], meta: dict, make_ref: Callable[
     for d in dirs:
         if d and cache is None:
             cache = load_cache(Path(d) / CACHE_FILE, meta)
+    if cache is not None and hasattr(dataset, "group_ids"):
+        missing = set(dataset.group_ids()) - set(cache)
+        if missing:  # e.g. a grouping added to the data: never train a group without its reference values
+            logger.warning("reference cache lacks %d of the data's groups (e.g. group_id %d): rebuilding",
+                           len(missing), min(missing))
+            cache = None
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL reduces device tensors
     ok = torch.tensor([1 if cache is not None else 0], dtype=torch.int, device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # a rank that cannot read the file makes every rank rebuild

@@ -54,3 +54,20 @@ def pack_groups(
     n_groups = len(samples) // group_size
     groups = [[samples[k] for k in order[g * group_size : (g + 1) * group_size]] for g in range(n_groups)]
     return groups, len(samples) - n_groups * group_size
+
+
+def regroup(groups: list[list[T]], grouping: int, seed: int) -> list[list[T]]:
+    """Grouping ``grouping`` (>= 1) of exactly the samples of ``groups`` (grouping 0): reshuffled with
+    (seed, grouping) and cut into as many groups of the same size.
+
+    Why the samples of grouping 0 and not all samples: then every grouping (one per epoch) trains on the same
+    samples, each once, instead of each dropping another leftover partial group.
+    """
+    if grouping < 1:
+        raise ValueError(f"grouping must be >= 1 (0 is the packed one), got {grouping}")
+    if not groups:
+        return []
+    size = len(groups[0])
+    samples = [s for g in groups for s in g]
+    order = np.random.default_rng([seed, 2, grouping]).permutation(len(samples)).tolist()
+    return [[samples[k] for k in order[g * size : (g + 1) * size]] for g in range(len(groups))]

@@ -58,6 +58,22 @@ def list_shards(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if SHARD_RE.match(p.name))
 
 
+def num_groupings(meta: dict, split: str) -> int:
+    """How many groupings of the same samples ``split`` has (``prepare_data --regroup-epochs``; 1 for old data)."""
+    return int(meta.get("splits", {}).get(split, {}).get("groupings", 1))
+
+
+def grouping_dir(split: str, grouping: int) -> str:
+    """Directory of one grouping: grouping 0 is ``train/`` itself (so every older reader still finds it),
+    grouping e >= 1 is ``train.g<e>/``."""
+    return split if grouping == 0 else f"{split}.g{grouping}"
+
+
+def split_shards(data_dir: Path, meta: dict, split: str) -> list[Path]:
+    """Sample shards of every grouping of ``split``, grouping by grouping."""
+    return [s for e in range(num_groupings(meta, split)) for s in list_shards(Path(data_dir) / grouping_dir(split, e))]
+
+
 def read_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / META_FILE
     if not path.is_file():
@@ -117,22 +133,29 @@ class GroupDataset:
     ``require_rewards=True`` checks every group's ``[B, B]`` matrix at construction (present, right size, finite)
     and raises ValueError naming the file and group_id otherwise. ``drop_unscored=True`` (with require_rewards)
     leaves out groups that have no matrix (e.g. skipped by ``score_rewards --on-bad-score skip``) instead of raising;
-    a present but malformed matrix is always an error.
+    a present but malformed matrix is always an error. ``grouping``: which of the split's groupings
+    (``prepare_data --regroup-epochs``) to read; 0 is the one every split has.
     """
 
-    def __init__(self, data_dir, split: str = "train", require_rewards: bool = False, drop_unscored: bool = False):
+    def __init__(self, data_dir, split: str = "train", require_rewards: bool = False, drop_unscored: bool = False,
+                 grouping: int = 0):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.data_dir = Path(data_dir)
         self.split = split
         self.meta = read_meta(self.data_dir)
+        n = num_groupings(self.meta, split)
+        if not 0 <= grouping < n:
+            raise ValueError(f"{self.data_dir}: split {split} has {n} grouping(s), no grouping {grouping}")
+        self.grouping = grouping
         self.group_size = int(self.meta["group_size"])
         self._shards: list[_Shard] = []
         self._index: list[tuple[int, int, int]] = []  # (shard k, group row in shard, group_id)
         self._rewards: list[np.ndarray | None] = []  # per indexed group
-        shards = list_shards(self.data_dir / split)
+        split_dir = self.data_dir / grouping_dir(split, grouping)
+        shards = list_shards(split_dir)
         if not shards and self.meta.get("splits", {}).get(split, {}).get("groups", 0) > 0:
-            raise ValueError(f"{self.data_dir / split}: meta.json lists groups but no shard files were found")
+            raise ValueError(f"{split_dir}: meta.json lists groups but no shard files were found")
         for path in shards:
             self._load_shard(path, require_rewards, drop_unscored)
 
@@ -206,6 +229,10 @@ class GroupDataset:
         """True when every group in this dataset carries a reward matrix."""
         return len(self) > 0 and all(r is not None for r in self._rewards)
 
+    def group_ids(self) -> list[int]:
+        """group_id of every indexed group, in index order (no token slicing)."""
+        return [gid for _, _, gid in self._index]
+
     def check_tokenizer(self, tokenizer) -> None:
         """Raise ValueError unless ``tokenizer`` produces the same ids as the one the data was prepared with."""
         expected = self.meta["tokenizer"]["fingerprint"]
@@ -216,3 +243,48 @@ class GroupDataset:
                 f"(fingerprint {expected}), but the given tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} "
                 f"has fingerprint {got}; re-run tools/prepare_data.py with the model's tokenizer"
             )
+
+
+class EpochGroupings:
+    """Every grouping of one split as one sequence: index ``e * G + k`` is group k of grouping e.
+
+    Why: VAR estimates Z(x_i) from the other responses of x_i's group, so the trainer reads grouping ``e % N`` in
+    epoch e (``training/batches.step_groups``), and the reference cache must cover the groups of all groupings.
+    Groupings hold the same samples, so they must have the same number of groups G (checked here; a
+    ``drop_unscored`` that leaves out groups of one grouping only is refused rather than silently unbalancing epochs).
+    """
+
+    def __init__(self, data_dir, split: str = "train", require_rewards: bool = False, drop_unscored: bool = False):
+        meta = read_meta(data_dir)
+        self.groupings = [GroupDataset(data_dir, split, require_rewards, drop_unscored, grouping=e)
+                          for e in range(num_groupings(meta, split))]
+        first = self.groupings[0]
+        self.data_dir, self.split, self.meta, self.group_size = first.data_dir, split, first.meta, first.group_size
+        sizes = [len(g) for g in self.groupings]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"{self.data_dir}: the groupings of split {split} have different group counts {sizes} "
+                             "(groups left out of some grouping?); every epoch must see the same samples")
+        self.groups_per_epoch = sizes[0]
+
+    @property
+    def num_groupings(self) -> int:
+        return len(self.groupings)
+
+    def __len__(self) -> int:
+        return self.groups_per_epoch * len(self.groupings)
+
+    def __getitem__(self, k: int) -> Group:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        e, i = divmod(k, self.groups_per_epoch)
+        return self.groupings[e][i]
+
+    @property
+    def has_rewards(self) -> bool:
+        return all(g.has_rewards for g in self.groupings)
+
+    def group_ids(self) -> list[int]:
+        return [gid for g in self.groupings for gid in g.group_ids()]
+
+    def check_tokenizer(self, tokenizer) -> None:
+        self.groupings[0].check_tokenizer(tokenizer)

@@ -25,8 +25,8 @@ from megatron_var.data.formatting import (
     load_tokenizer,
     messages_json,
 )
-from megatron_var.data.grouping import pack_groups, split_units
-from megatron_var.data.groups import FORMAT_VERSION, tokenizer_fingerprint
+from megatron_var.data.grouping import pack_groups, regroup, split_units
+from megatron_var.data.groups import FORMAT_VERSION, grouping_dir, tokenizer_fingerprint
 from megatron_var.data.readers import InputSource, is_hub_name
 from megatron_var.data.writer import AtomicDir, Sample, check_output_dir, write_meta, write_split
 
@@ -55,6 +55,7 @@ class PrepareConfig:
     valid_fraction: float = 0.05
     seed: int = 1234
     shard_size: int = 1000  # groups per shard file
+    regroup_epochs: int = 1  # groupings of the train samples (one per epoch, cycled): train/, train.g1/, ...
     overwrite: bool = False
     on_bad_row: str = "error"  # error | skip (counted by reason)
     ultrafeedback_score: str = "fine-grained"  # fine-grained | overall
@@ -70,6 +71,7 @@ class PrepareConfig:
             (self.seq_length >= 2, "--seq-length must be at least 2"),
             (0.0 <= self.valid_fraction < 1.0, "--valid-fraction must be in [0, 1)"),
             (self.shard_size >= 1, "--shard-size must be at least 1"),
+            (self.regroup_epochs >= 1, f"--regroup-epochs must be at least 1, got {self.regroup_epochs}"),
             (bool(self.inputs), "--input needs at least one path"),
         ]
         for ok, msg in checks:
@@ -82,6 +84,9 @@ class PrepareConfig:
                              f"{self.group_size}")
         if self.group_size < 1:
             raise ValueError("--group-size must be at least 1")
+        if self.responses == "pairs" and self.regroup_epochs > 1:
+            raise ValueError("--regroup-epochs needs --responses chosen or all: a pairs group is one prompt's "
+                             "(chosen, rejected) and cannot be regrouped")
         TemplateConfig(self.template, self.raw_template, self.system_prompt)  # validates template flags
 
 
@@ -294,6 +299,15 @@ def prepare(cfg: PrepareConfig) -> Summary:
                                     "source_rows": n_units, "first_group_id": first_id}
             summary.groups_written[name] = len(groups)
             summary.samples_written += n_samples
+            first_id += len(groups)
+        train = meta["splits"]["train"]
+        train["groupings"] = cfg.regroup_epochs
+        for e in range(1, cfg.regroup_epochs):  # ids continue after valid's, so grouping 0's and valid's stay put
+            groups = regroup(splits["train"][0], e, cfg.seed)
+            name = grouping_dir("train", e)
+            n_shards = write_split(tmp / name, groups, first_id, cfg.shard_size)
+            train.setdefault("extra_groupings", {})[name] = {"groups": len(groups), "shards": n_shards,
+                                                             "first_group_id": first_id}
             first_id += len(groups)
         meta["summary"] = summary.as_dict()
         write_meta(tmp, meta)

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     grp.add_argument("--valid-fraction", type=float, default=0.05, help="fraction of groups for valid (0.05)")
     grp.add_argument("--seed", type=int, default=1234, help="shuffle / split seed")
     grp.add_argument("--shard-size", type=int, default=1000, help="groups per shard file (default 1000)")
+    grp.add_argument("--regroup-epochs", type=int, default=1, metavar="N",
+                     help="write N groupings of the same train samples (train/, train.g1/, ...; seeded); the "
+                          "trainer uses grouping e %% N in epoch e, so Z(x) is estimated against other responses "
+                          "each epoch. score_rewards scores them all (default 1; not with --responses pairs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -75,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         template=args.template, raw_template=args.raw_template, system_prompt=args.system_prompt,
         responses=args.responses, group_size=args.group_size, seq_length=args.seq_length, overlong=args.overlong,
         valid_fraction=args.valid_fraction, seed=args.seed, shard_size=args.shard_size, overwrite=args.overwrite,
+        regroup_epochs=args.regroup_epochs,
         on_bad_row=args.on_bad_row, ultrafeedback_score=args.ultrafeedback_score, progress=not args.no_progress,
     )
     summary = prepare(cfg)

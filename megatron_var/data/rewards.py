@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from megatron_var.data.groups import REWARD_SCHEMA, SPLITS, list_shards, read_meta, rewards_path_for
+from megatron_var.data.groups import REWARD_SCHEMA, SPLITS, read_meta, rewards_path_for, split_shards
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def score_rewards(cfg: ScoreConfig) -> ScoreSummary:
     meta = read_meta(data_dir)
     B = int(meta["group_size"])
     splits = SPLITS if cfg.split == "all" else (cfg.split,)
-    shards = [s for split in splits for s in list_shards(data_dir / split)]
+    shards = [s for split in splits for s in split_shards(data_dir, meta, split)]  # every grouping of a split
     summary = ScoreSummary(shards_total=len(shards))
     key = scorer_key(cfg)
     done = {s for s in shards if not cfg.overwrite and rewards_path_for(s).is_file()}

@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="score_rewards.py", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, metavar="DIR", help="directory written by prepare_data.py")
-    p.add_argument("--split", default="all", choices=("train", "valid", "all"), help="default: all")
+    p.add_argument("--split", default="all", choices=("train", "valid", "all"),
+                   help="default: all; train includes every grouping of --regroup-epochs (train.g1/, ...)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--reward-model", metavar="HF_DIR",
                      help="local AutoModelForSequenceClassification dir with its tokenizer; score = logits[:, 0]")

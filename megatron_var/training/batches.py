@@ -2,7 +2,13 @@
 
 Why consumed-groups bookkeeping instead of per-rank iterators: resuming (even at another DP size) continues the same
 global order — a known failure elsewhere is data replayed or reordered after resume. Group order is reshuffled each
-epoch with (seed, epoch); group membership is fixed by data preparation (so rewards could be precomputed).
+epoch with (seed, epoch); group membership is fixed by data preparation (so rewards could be precomputed), one
+grouping per epoch when the data has several (``prepare_data --regroup-epochs N``: epoch e reads grouping e % N).
+
+``consumed`` is a position in the stream of epochs (epoch = consumed // G). A step never spans two epochs: when the
+rest of an epoch is shorter than a global batch, that tail is skipped (as drop_last; counted in the metrics) and
+the step starts the next epoch. Why: with one grouping a step across the boundary could hold the same group twice
+(the end of epoch e's order and the start of epoch e+1's), and with several it would hold a sample twice.
 """
 
 from __future__ import annotations
@@ -17,15 +23,33 @@ def global_order(num_groups: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_groups)
 
 
-def step_groups(num_groups: int, seed: int, consumed: int, global_batch: int, dp_rank: int, dp_size: int
-                ) -> list[int]:
-    """Group indices of this DP rank for the step that starts after ``consumed`` groups (contiguous DP slices)."""
+def check_batch_fits(num_groups: int, global_batch: int) -> None:
+    """One-line error when one step would need more groups than an epoch has (it would repeat groups)."""
+    if global_batch > num_groups:
+        raise ValueError(f"--global-batch-size {global_batch} is larger than the {num_groups} training groups of one "
+                         "epoch: a step would hold a group twice; lower it or prepare more data")
+
+
+def step_start(consumed: int, global_batch: int, num_groups: int) -> int:
+    """Where the step after ``consumed`` groups starts: ``consumed``, or the start of the next epoch when fewer than
+    ``global_batch`` groups are left in this one (they are skipped: ``step_start - consumed`` of them)."""
+    check_batch_fits(num_groups, global_batch)
+    epoch, pos = divmod(consumed, num_groups)
+    return consumed if pos + global_batch <= num_groups else (epoch + 1) * num_groups
+
+
+def step_groups(num_groups: int, seed: int, consumed: int, global_batch: int, dp_rank: int, dp_size: int,
+                num_groupings: int = 1) -> list[int]:
+    """Group indices of this DP rank for the step that starts after ``consumed`` groups (contiguous DP slices).
+
+    ``num_groups`` is G, the groups of one epoch (of one grouping). With ``num_groupings`` N the indices address
+    all groupings as one sequence (``groups.EpochGroupings``): ``(epoch % N) * G + k``.
+    """
+    epoch, pos = divmod(step_start(consumed, global_batch, num_groups), num_groups)
+    order = global_order(num_groups, seed, epoch)
+    base = (epoch % num_groupings) * num_groups
     per_rank = global_batch // dp_size
-    out = []
-    for k in range(consumed + dp_rank * per_rank, consumed + (dp_rank + 1) * per_rank):
-        epoch, pos = divmod(k, num_groups)
-        out.append(int(global_order(num_groups, seed, epoch)[pos]))
-    return out
+    return [base + int(order[k]) for k in range(pos + dp_rank * per_rank, pos + (dp_rank + 1) * per_rank)]
 
 
 def policy_microbatch(groups: list, pad_id: int, pad_to_multiple_of: int = 1, seq_length=None) -> dict:

@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megatron_var.checkpoint_layout import copy_hf_files, hf_dir, load_model
-from megatron_var.data.groups import GroupDataset
+from megatron_var.data.groups import EpochGroupings, GroupDataset
 from megatron_var.models.arch import ModelArch
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.objectives.alol import alol_advantages
@@ -164,7 +164,8 @@ class Trainer:
         self.arch = _arch(cfg)
         if run_dir.check_save_dir(cfg.save, cfg.load, cfg.finetune, cfg.overwrite, cfg.ref_load):
             run_dir.clear_run(cfg.save)
-        self.data = GroupDataset(cfg.data_path, "train", require_rewards=cfg.objective in NEEDS_REWARDS)
+        # every grouping of the train split (prepare_data --regroup-epochs): epoch e trains on grouping e % N
+        self.data = EpochGroupings(cfg.data_path, "train", require_rewards=cfg.objective in NEEDS_REWARDS)
         self.valid = None
         if cfg.eval_interval:
             valid = GroupDataset(cfg.data_path, "valid", require_rewards=cfg.objective in NEEDS_REWARDS)
@@ -195,7 +196,7 @@ class Trainer:
             self.consumed = int(state.get("consumed_groups", 0))
             self.nan_skips = int(state.get("nan_skips", 0))
         self.plan = progress.plan_run(iteration=self.iteration, consumed=self.consumed,
-                                      global_batch_size=cfg.global_batch_size, num_groups=len(self.data),
+                                      global_batch_size=cfg.global_batch_size, num_groups=self.data.groups_per_epoch,
                                       train_iters=cfg.train_iters, epochs=cfg.epochs,
                                       lr_warmup_iters=cfg.lr_warmup_iters,
                                       warmup_groups=state.get("lr_warmup_groups"))
@@ -226,7 +227,7 @@ class Trainer:
             if cfg.ref_cache:
                 kind = "cross" if cfg.objective == "var" else "diagonal"
                 meta = reference_cache.cache_meta(cfg.data_path, "train", len(self.data), cfg.logp_reduction,
-                                                  self.ref_source, kind)
+                                                  self.ref_source, kind, groupings=self.data.num_groupings)
                 self.ref_cache = reference_cache.load_or_build([cfg.save, cfg.load], meta, make_ref, self.data,
                                                                reduction=cfg.logp_reduction, kind=kind)
             else:
@@ -312,8 +313,14 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg = self.cfg
-        idx = B.step_groups(len(self.data), cfg.seed, self.consumed, cfg.global_batch_size,
-                            parallel_state.get_data_parallel_rank(), self.dp)
+        G = self.data.groups_per_epoch
+        start = B.step_start(self.consumed, cfg.global_batch_size, G)
+        if start > self.consumed and dist.get_rank() == 0:
+            logger.info("epoch %d ends: its last %d groups (fewer than --global-batch-size %d) are skipped; epoch %d "
+                        "reads grouping %d of %d", self.consumed // G, start - self.consumed, cfg.global_batch_size,
+                        start // G, (start // G) % self.data.num_groupings, self.data.num_groupings)
+        idx = B.step_groups(G, cfg.seed, self.consumed, cfg.global_batch_size,
+                            parallel_state.get_data_parallel_rank(), self.dp, self.data.num_groupings)
         stats, t0 = self._run([self.data[k] for k in idx], forward_only=False)
         if self.iteration == 0 and not self.cfg.ref_load and dist.get_rank() == 0:  # ref = the start weights
             ref_gap.check_identity(stats.get(ref_gap.KEY), self.model[0].config.params_dtype)
@@ -332,14 +339,15 @@ class Trainer:
             ok, grad_norm = False, float("nan")
         else:
             ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=cfg.global_batch_size)
+        skipped = start - self.consumed  # an epoch tail: the schedule passes over it too (progress.py)
+        self.scheduler.step(increment=skipped + cfg.global_batch_size)
         self.iteration += 1
-        self.consumed += cfg.global_batch_size
+        self.consumed = start + cfg.global_batch_size
         dt = time.perf_counter() - t0
         rec = {"iteration": self.iteration, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "tokens_per_s": stats["tokens"] / dt, "step_time_s": dt, "skipped": not ok,
-               "consumed_groups": self.consumed}
+               "consumed_groups": self.consumed, "epoch": start // G, "skipped_groups": skipped}
         rec.update({k: v for k, v in stats.items() if k not in ("loss_sum", "units", "tokens")})
         return rec
 

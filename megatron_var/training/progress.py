@@ -7,6 +7,10 @@ position in the LR schedule (as Megatron-LM's sample-based schedule: ``lr_decay_
 the current run, never taken from the checkpoint: a longer resumed run then decays over its new length instead of
 staying at ``--min-lr``. The warmup is fixed in groups when a run starts (``--lr-warmup-iters`` x its batch size) and
 kept on resume, so a changed batch size does not move a warmup that already happened.
+
+Consumed groups are a position in the stream of epochs: an epoch tail shorter than a global batch is skipped
+(``batches.step_start``), and the schedule advances over it too, so a resumed run positioned at ``consumed`` is
+where the uninterrupted run was.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_var.training.batches import check_batch_fits, step_start
 
 
 @dataclass(frozen=True)
@@ -36,18 +42,36 @@ def plan_run(*, iteration: int, consumed: int, global_batch_size: int, num_group
     remaining iterations are those that cover the groups still to train on at the current batch size.
     ``warmup_groups``: the warmup of the run being resumed (None: a fresh run, from ``lr_warmup_iters``).
     """
+    check_batch_fits(num_groups, global_batch_size)
     if train_iters is not None:
-        remaining = max(0, train_iters - iteration)
+        remaining, total = walk(consumed, global_batch_size, num_groups, max_steps=max(0, train_iters - iteration))
     else:
-        remaining = max(0, math.ceil((epochs * num_groups - consumed) / global_batch_size))
-        if iteration == 0:
-            remaining = max(1, remaining)
-    total = consumed + remaining * global_batch_size
+        remaining, total = walk(consumed, global_batch_size, num_groups, limit=epochs * num_groups)
+        if iteration == 0 and remaining == 0:
+            remaining, total = walk(consumed, global_batch_size, num_groups, max_steps=1)
     warmup = lr_warmup_iters * global_batch_size if warmup_groups is None else warmup_groups
     if warmup >= max(total, 1) and remaining:
         raise ValueError(f"--lr-warmup-iters {lr_warmup_iters} must be below the {iteration + remaining} training "
                          "iterations")
     return RunPlan(end_iteration=iteration + remaining, total_groups=total, warmup_groups=warmup)
+
+
+def walk(consumed: int, global_batch_size: int, num_groups: int, *, max_steps: Optional[int] = None,
+         limit: Optional[float] = None) -> tuple[int, int]:
+    """(steps, position after them) from ``consumed``: at most ``max_steps`` steps, and only steps starting before
+    ``limit`` groups (so ``--epochs 0.5`` covers at least half an epoch, as before). Epoch by epoch, not step by
+    step, so long runs cost nothing to plan."""
+    steps, pos = 0, consumed
+    while True:
+        start = step_start(pos, global_batch_size, num_groups)
+        n = (num_groups - start % num_groups) // global_batch_size  # steps left in this epoch
+        if max_steps is not None:
+            n = min(n, max_steps - steps)
+        if limit is not None:
+            n = min(n, max(0, math.ceil((limit - start) / global_batch_size)))
+        if n <= 0:
+            return steps, pos
+        steps, pos = steps + n, start + n * global_batch_size
 
 
 def build_scheduler(optimizer, plan: RunPlan, consumed: int, *, lr: float, min_lr: float, weight_decay: float,

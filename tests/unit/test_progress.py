@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megatron_var.training.batches import global_order, step_groups
+from megatron_var.training.batches import global_order, step_groups, step_start
 from megatron_var.training.progress import build_scheduler, plan_run
 
 
@@ -54,8 +54,12 @@ def test_changed_global_batch_size_keeps_the_schedule_in_groups():
 
 
 def test_epochs_count_the_groups_left():
-    plan = _plan(0, 0, 4, epochs=2, n=10)
-    assert (plan.end_iteration, plan.total_groups) == (5, 20)
+    plan = _plan(0, 0, 4, epochs=2, n=10)  # 2 steps per epoch; each epoch's last 2 groups are skipped
+    assert (plan.end_iteration, plan.total_groups) == (4, 18)
+    plan = _plan(0, 0, 4, epochs=0.5, n=10)  # a fraction covers at least that part of an epoch
+    assert (plan.end_iteration, plan.total_groups) == (2, 8)
+    plan = _plan(0, 0, 4, train_iters=3, n=10)  # the third step starts epoch 1 after the skipped tail
+    assert (plan.end_iteration, plan.total_groups) == (3, 14)
     plan = _plan(3, 12, 2, epochs=2, n=10)  # 8 groups left at 2 per iteration
     assert (plan.end_iteration, plan.total_groups) == (7, 20)
     plan = _plan(5, 20, 2, epochs=3, n=10)  # one more epoch on resume
@@ -70,17 +74,26 @@ def test_warmup_must_fit_the_run():
 @pytest.mark.parametrize("dp", [1, 2])
 def test_changed_global_batch_size_continues_the_global_order(dp):
     """Consumed-groups bookkeeping: batch sizes 2, 2, 4, 6 (over epochs) read the global order without a group
-    replayed or skipped, split contiguously over DP ranks."""
+    replayed or skipped, split contiguously over DP ranks, except an epoch's tail shorter than the next step's
+    batch (skipped, so that no step spans two epochs)."""
     n, seed, consumed, seen = 7, 3, 0, []
     for gbs in (2, 2, 4, 6):
+        start = step_start(consumed, gbs, n)
         step = []
         for rank in range(dp):
             step += step_groups(n, seed, consumed, gbs, rank, dp)
         seen += step
-        consumed += gbs
-    expected = [int(global_order(n, seed, k // n)[k % n]) for k in range(consumed)]
+        consumed = start + gbs
+    # positions 0-3 of epoch 0, its tail 4-6 skipped (4 > 3 left), 0-3 of epoch 1, tail skipped again, 0-5 of epoch 2
+    expected = [int(global_order(n, seed, e)[k]) for e, ks in ((0, range(4)), (1, range(4)), (2, range(6)))
+                for k in ks]
     assert seen == expected
-    assert sorted(seen[:n]) == list(range(n))  # the first epoch is a permutation
+    assert consumed == 2 * n + 6
+
+
+def test_a_global_batch_larger_than_an_epoch_is_refused():
+    with pytest.raises(ValueError, match="--global-batch-size 8 is larger than the 7 training groups of one epoch"):
+        _plan(0, 0, 8, epochs=1, n=7)
 
 
 def test_weight_decay_and_lr_are_finite_for_a_run_with_nothing_left():
