@@ -16,13 +16,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    make_tokenizer(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def tok(tok_dir):
     from transformers import AutoTokenizer
 

@@ -8,16 +8,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from data_fixtures import make_tokenizer, run_prepare, write_jsonl
+from data_fixtures import run_prepare, write_jsonl
 
 from megatron_var.data.groups import list_shards, read_meta
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    make_tokenizer(d)
-    return d
 
 
 def user(text):

@@ -7,19 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_fixtures import make_tokenizer, plain_rows, run_prepare, write_jsonl
+from data_fixtures import plain_rows, run_prepare, write_jsonl
 
 from megatron_var.data.adapters import BadRow
 from megatron_var.data.readers import InputSource, is_hub_name
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    make_tokenizer(d)
-    return d
 
 
 def _lines(rows):
