@@ -313,6 +313,9 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg = self.cfg
+        # as Megatron-LM's train_step: without it the non-distributed optimizer leaves param.grad aliasing DDP's
+        # main_grad buffer, and the next backward adds each gradient into that buffer twice
+        self.optimizer.zero_grad()
         G = self.data.groups_per_epoch
         start = B.step_start(self.consumed, cfg.global_batch_size, G)
         if start > self.consumed and dist.get_rank() == 0:
