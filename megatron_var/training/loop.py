@@ -59,6 +59,9 @@ def _injected_nan_iterations() -> set[int]:
 
 OBJECTIVES = ("var", "sft", "dpo", "alol")
 NEEDS_REWARDS = ("var", "alol")
+# objective metrics shown in the log line and kept for validation; the per-sample ones are sums until _global_stats
+OBJECTIVE_METRICS = ("var/", "rewards/", "alol/")
+PER_SAMPLE_METRICS = ("rewards/", "logps/", "alol/")
 
 
 @dataclass
@@ -372,7 +375,7 @@ class Trainer:
         for m in self.model:
             m.train()
         out = {"iteration": self.iteration, "valid/loss": totals["loss_sum"] / max(totals["units"], 1.0)}
-        out.update({f"valid/{k}": v / n for k, v in totals.items() if k.startswith(("var/", "rewards/", "alol/"))})
+        out.update({f"valid/{k}": v / n for k, v in totals.items() if k.startswith(OBJECTIVE_METRICS)})
         return out
 
     def _log_eval(self) -> None:
@@ -400,8 +403,7 @@ class Trainer:
                                 self.iteration, self.iters, rec["loss"], rec["lr"],
                                 f"{rec['grad_norm']:.4f}" if rec["grad_norm"] is not None else "-",
                                 rec["tokens_per_s"], rec["step_time_s"],
-                                "".join(f" | {k} {v:.4g}" for k, v in rec.items()
-                                        if k.startswith(("var/", "rewards/", "alol/"))))
+                                "".join(f" | {k} {v:.4g}" for k, v in rec.items() if k.startswith(OBJECTIVE_METRICS)))
             if self.cfg.eval_interval and self.iteration % self.cfg.eval_interval == 0:
                 self._log_eval()
             every = self.cfg.save_interval
@@ -453,7 +455,7 @@ def _global_stats(summed: dict, extra: dict, tokens: int) -> dict:
         out[k] = out[k] / n_holders
     units = max(out.get("units", 1.0), 1.0)
     for k in list(out):
-        if k.startswith(("rewards/", "logps/", "alol/")):  # per-sample sums -> means
+        if k.startswith(PER_SAMPLE_METRICS):  # sums over samples -> means
             out[k] = out[k] / units
     out["tokens"] = t[-1].item()
     return out
