@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from megatron_var.data.cli import run_cli
 from megatron_var.memory import Layout, Precision, Workload, estimate
 from megatron_var.models.arch import ModelArch, arch_from_hf_config
 
@@ -152,13 +153,14 @@ def from_args(args: argparse.Namespace) -> tuple[ModelArch, Layout, Workload, Pr
 
 
 def main(argv=None) -> int:
+    """Exit 0 when the layout fits, 1 when it does not, 2 (one ``error:`` line) for bad flags or files."""
+    return run_cli(_estimate_and_print, argv)
+
+
+def _estimate_and_print(argv) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        arch, layout, work, prec = from_args(args)
-        est = estimate(arch, layout, work, prec)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    arch, layout, work, prec = from_args(args)
+    est = estimate(arch, layout, work, prec)
     vpp = layout.virtual_pipeline_model_parallel_size
     print(f"model: {arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}, vocab {arch.padded_vocab_size}"
           f" | TP {layout.tensor_model_parallel_size} PP {layout.pipeline_model_parallel_size}"
