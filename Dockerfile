@@ -35,15 +35,16 @@ RUN python docker/base_constraints.py > /tmp/base-constraints.txt \
     && cat /tmp/base-constraints.txt \
     && pip install --no-cache-dir --constraint /tmp/base-constraints.txt "megatron-core>=0.19,<0.20"
 
-# 2. This package (dependencies from pyproject.toml, same constraints), then its launchers and tools.
+# 2. This package (dependencies from pyproject.toml, same constraints; megatron-var-* console scripts), then
+#    its launchers and tools.
 COPY pyproject.toml setup.py README.md ./
 COPY megatron_var ./megatron_var
+COPY checkpoints_convert ./checkpoints_convert
 RUN pip install --no-cache-dir --constraint /tmp/base-constraints.txt . \
     && python docker/base_constraints.py | diff /tmp/base-constraints.txt - \
     && python -c "import importlib.metadata as m; print('megatron-core', m.version('megatron-core'), '| megatron_var', m.version('megatron_var'))"
 COPY examples ./examples
 COPY tools ./tools
-COPY checkpoints_convert ./checkpoints_convert
 
 # 3. Optional non-root user: --build-arg CREATE_USER=1 --build-arg USER_UID="$(id -u)" so files written to
 #    mounted checkpoint/run directories belong to you. Default: root, as in the NGC image.
@@ -60,4 +61,4 @@ RUN if [ "${CREATE_USER}" = 1 ]; then \
 USER ${USER_UID}
 
 # No HEALTHCHECK: this is a batch training image, not a service.
-CMD ["python", "-m", "megatron_var.train", "--help"]
+CMD ["python", "-m", "megatron_var.cli.train", "--help"]

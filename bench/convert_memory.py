@@ -38,8 +38,8 @@ def make_source(out: Path, layers: int, dtype_name: str) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from checkpoints_convert.core import dims
-    from checkpoints_convert.qwen2 import MAPPING
+    from megatron_var.convert.core import dims
+    from megatron_var.convert.qwen2 import MAPPING
     from megatron_var.models.arch import arch_from_hf_config
 
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -72,7 +72,7 @@ def _dir_bytes(d: Path) -> int:
 
 # ---- children -------------------------------------------------------------------------------------------------
 def child(mode: str, src: str, dst: str) -> dict:
-    from checkpoints_convert import export_hf, import_hf  # noqa: F401  (the import constant is part of every mode)
+    from megatron_var.convert import export_hf, import_hf  # noqa: F401  (the import constant is part of every mode)
 
     start = time.time()
     if mode == "import":
@@ -121,7 +121,7 @@ def bitwise_equal(a: Path, b: Path) -> tuple[bool, int]:
     """Compare every tensor of two HF dirs bit by bit, one tensor in memory at a time."""
     import torch
 
-    from checkpoints_convert.hf_io import HFCheckpoint
+    from megatron_var.convert.hf_io import HFCheckpoint
 
     ca, cb = HFCheckpoint(a), HFCheckpoint(b)
     if set(ca.tensors) != set(cb.tensors):

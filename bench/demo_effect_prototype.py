@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prototype of the CPU demo in plain PyTorch + transformers: does the bundled task show a real VAR effect?
 
-Not part of the product path (the demo runs megatron_var.train under torchrun). Same data pipeline as the demo
+Not part of the product path (the demo runs megatron_var.cli.train under torchrun). Same data pipeline as the demo
 (write_dataset -> prepare_data -> score_rewards -> GroupDataset) and the same objectives (var_weights/var_loss,
 token-mean SFT, sigmoid DPO), on the HF model directly; then tools/eval_reward's evaluate() on held-out prompts,
 3 sampling seeds. Hyper-parameters come from megatron_var/demo/defaults.py (overridable for tuning).
@@ -48,7 +48,7 @@ from megatron_var.data.rewards import ScoreConfig, score_rewards  # noqa: E402
 from megatron_var.demo.defaults import DemoDefaults  # noqa: E402
 from megatron_var.demo.task import write_dataset  # noqa: E402
 from megatron_var.demo.tiny_model import build_tiny_hf_model  # noqa: E402
-from megatron_var.evaluation import EvalConfig, evaluate  # noqa: E402
+from megatron_var.eval.reward_eval import EvalConfig, evaluate  # noqa: E402
 from megatron_var.objectives.dpo import dpo_loss  # noqa: E402
 from megatron_var.objectives.var import var_loss, var_weights  # noqa: E402
 
@@ -271,7 +271,7 @@ def main() -> None:
     timings["eval"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     report.pop("generations")
-    from megatron_var.evaluation_cli import print_table
+    from megatron_var.cli.eval_reward import print_table
 
     print_table(report)
     summary = {"defaults": D.as_dict(), "threads": a.threads, "timings_s": timings, "var_target": diag,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 13's prepared GPU check, one device call on a bare H100/H200 (python3 with torch/transformers; megatron-core
 # carried as wheels, docs/performance.md). Each part runs in its own process under its own time limit and
-# OUT/gpu_check.json is rewritten after each part (megatron_var/gpu_check.py):
+# OUT/gpu_check.json is rewritten after each part (bench/gpu_check.py):
 #   (a) train     VAR training on CUDA/NCCL, bf16, distributed optimizer, shared-prefix reference with compiled
 #                 FlexAttention, 20 steps on a fixed tiny batch: finite, decreasing loss, ref_policy_logp_gap at step 1
 #   (b) matrices  [B, B]: FlexAttention shared prefix vs dense shared prefix vs naive, fp32 and bf16
@@ -17,4 +17,4 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH="$PWD${PYTHONPATH:+:$
 PY=${PYTHON:-python3}
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
   >"$OUT/nvidia_smi.csv" 2>&1
-$PY -m megatron_var.gpu_check "$OUT" "$@"
+$PY -m bench.gpu_check "$OUT" "$@"

@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     import hf_tiny
-    from checkpoints_convert.import_hf import convert_hf_to_megatron
+    from megatron_var.convert.import_hf import convert_hf_to_megatron
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=None, help="where to write gpu_score_check.json")

@@ -34,4 +34,4 @@ launch --objective var --var-lambda 0.5 --model-arch "$OUT/model_arch.json" --te
     --save-interval 10 -- "$@"
 exit
 ":"""
-import megatron_var.run_example_rank  # torchrun examples/X.sh: train in this rank
+import megatron_var.cli.run_example_rank  # torchrun examples/X.sh: train in this rank

@@ -4,7 +4,7 @@ import os
 import pickle
 from pathlib import Path
 
-from megatron_var import checkpoint_integrity
+from megatron_var.checkpoint import integrity as checkpoint_integrity
 
 
 def flip64(path: Path) -> None:

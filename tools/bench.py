@@ -6,7 +6,7 @@ shared prefix (dense / FlexAttention), VAR step vs SFT step. Prints JSON and wri
     python tools/bench.py --preset llama3.2-1b      # one GPU
     python tools/bench.py --preset micro            # seconds: the GPU check's dry run (bench/gpu_check.sh)
 
-Logic in megatron_var/bench.py (orchestration, presets) and megatron_var/bench_steps.py (measurements).
+Logic in bench/bench.py (orchestration, presets) and bench/bench_steps.py (measurements).
 """
 
 import argparse
@@ -17,13 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from megatron_var.data.cli import run_cli  # noqa: E402
+from megatron_var.cli.common import run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> int:
-    from megatron_var.bench import PRESETS, run
+    from bench.bench import PRESETS, run
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))

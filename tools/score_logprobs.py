@@ -4,16 +4,11 @@
     torchrun --nproc_per_node K tools/score_logprobs.py --load MEG_DIR --tensor-model-parallel-size N \\
         --pipeline-model-parallel-size M --input pairs.jsonl --output out.jsonl
 
-Logic in megatron_var/scoring.py and megatron_var/scoring_cli.py; run with --help for the input format.
-"""
+Run with --help for the input format.
 
-import sys
-from pathlib import Path
+The same command as `megatron-var-score-logprobs`; the code is megatron_var/cli/score_logprobs.py."""
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from megatron_var.data.cli import run_cli  # noqa: E402
-from megatron_var.scoring_cli import main  # noqa: E402
+from megatron_var.cli.score_logprobs import cli
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    cli()

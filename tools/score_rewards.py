@@ -1,13 +1,9 @@
 #!/usr/bin/env python
-"""Score [B,B] cross-pair reward matrices for prepared VAR groups. Run with --help; logic in megatron_var/data/."""
+"""Score [B,B] cross-pair reward matrices for prepared VAR groups. Run with --help for the flags.
 
-import sys
-from pathlib import Path
+The same command as `megatron-var-score-rewards`; the code is megatron_var/cli/score_rewards.py."""
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from megatron_var.data.cli import run_cli  # noqa: E402
-from megatron_var.data.rewards_cli import main  # noqa: E402
+from megatron_var.cli.score_rewards import cli
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    cli()

@@ -110,7 +110,7 @@ def shard_chunks(shard: Path, n_groups: int, per_chunk: int, key: str) -> list[C
 
 
 def make_scorer(cfg: ScoreConfig):
-    from megatron_var.data.scorers import FunctionScorer, HFRewardModel
+    from megatron_var.data.reward_scorers import FunctionScorer, HFRewardModel
 
     if cfg.reward_fn is not None:
         return FunctionScorer(cfg.reward_fn)

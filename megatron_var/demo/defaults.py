@@ -63,7 +63,7 @@ class DemoDefaults:
         return asdict(self)
 
     def train_args(self, objective: str) -> list[str]:
-        """``megatron_var.train`` flags for one stage (sft | var | dpo | alol); data/load/save/parallel flags are the
+        """``megatron_var.cli.train`` flags for one stage (sft | var | dpo | alol); data/load/save/parallel flags are the
         caller's. Micro-batch = 1 group, so a stage runs the same math at any TP."""
         iters, lr, per_iter = {
             "sft": (self.sft_iters, self.sft_lr, self.sft_groups_per_iter),

@@ -46,7 +46,7 @@ class Runner:
 
 def _train(run: Runner, stage: str, objective: str, load: Path, data: Path, save: Path, iters: int | None = None,
            save_interval: int | None = None) -> None:
-    args = ["-m", "megatron_var.train", "--load", str(load), "--finetune", "--data-path", str(data),
+    args = ["-m", "megatron_var.cli.train", "--load", str(load), "--finetune", "--data-path", str(data),
             "--save", str(save), "--overwrite", "--tensor-model-parallel-size", str(run.nproc),
             "--log-interval", "25", *DEMO.train_args(objective)]
     if iters is not None:

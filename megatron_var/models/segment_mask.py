@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_var.data.cross_pairs import block_attention_mask
+from megatron_var.batching.pairs import block_attention_mask
 
 FLEX_BLOCK_SIZE = 128
 

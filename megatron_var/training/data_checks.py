@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from megatron_var.checkpoint_layout import hf_dir
+from megatron_var.checkpoint.layout import hf_dir
 from megatron_var.data.groups import GroupDataset
 from megatron_var.models.arch import ModelArch
 

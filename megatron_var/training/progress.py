@@ -21,7 +21,7 @@ from typing import Optional
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_var.training.batches import check_batch_fits, step_start
+from megatron_var.batching.steps import check_batch_fits, step_start
 
 
 @dataclass(frozen=True)

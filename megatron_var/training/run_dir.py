@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megatron_var.checkpoint_layout import ARCH_FILE, HF_SUBDIR, TRACKER
+from megatron_var.checkpoint.layout import ARCH_FILE, HF_SUBDIR, TRACKER
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_var import parallel
+from megatron_var.runtime import parallel
 
 import helpers
 

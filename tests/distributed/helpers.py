@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_var import parallel
+from megatron_var.runtime import parallel
 from megatron_var.models.arch import ModelArch
 
 LLAMA = ModelArch(family="llama", num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8,

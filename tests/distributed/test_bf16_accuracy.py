@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 
 import hf_tiny
-from checkpoints_convert.import_hf import convert_hf_to_megatron
-from megatron_var import checkpoint_layout as ckpt_layout
+from megatron_var.convert.import_hf import convert_hf_to_megatron
+from megatron_var.checkpoint import layout as ckpt_layout
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
-from megatron_var.scoring import score_pairs
+from megatron_var.runtime.pair_logprobs import score_pairs
 
 from helpers import layout
 
@@ -97,7 +97,7 @@ def test_a_less_accurate_forward_is_flagged(case, monkeypatch):
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     from megatron_var.models import layers
-    from megatron_var.training import step
+    from megatron_var.runtime import forward_step as step
 
     name, root, pairs, exact, (their_max, their_mean) = case
     exact_logps, get_emb = step.token_logprobs, RotaryEmbedding.get_emb

@@ -12,12 +12,12 @@ import torch.distributed as dist
 
 import hf_tiny
 from checkpoint_damage import flip64
-from checkpoints_convert.import_hf import convert_hf_to_megatron
+from megatron_var.convert.import_hf import convert_hf_to_megatron
 from helpers import LLAMA, layout
-from megatron_var import checkpoint_integrity as integrity
-from megatron_var import checkpoint_layout as ckpt_layout
+from megatron_var.checkpoint import integrity as integrity
+from megatron_var.checkpoint import layout as ckpt_layout
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
-from megatron_var.training import checkpointing
+from megatron_var.checkpoint import io as checkpointing
 
 
 def _same_everywhere(obj) -> list:

@@ -16,11 +16,11 @@ from megatron.core import dist_checkpointing
 from safetensors.torch import load_file
 
 import hf_tiny
-from checkpoints_convert.export_hf import convert_megatron_to_hf
-from checkpoints_convert.import_hf import convert_hf_to_megatron
-from megatron_var import checkpoint_layout as ckpt_layout
+from megatron_var.convert.export_hf import convert_megatron_to_hf
+from megatron_var.convert.import_hf import convert_hf_to_megatron
+from megatron_var.checkpoint import layout as ckpt_layout
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
-from megatron_var.scoring import score_pairs
+from megatron_var.runtime.pair_logprobs import score_pairs
 
 from helpers import layout
 

@@ -11,8 +11,9 @@ import torch
 
 from megatron_var.models.full_state import gather_full, load_full
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
-from megatron_var.training.engine import OptimConfig, build_optimizer, run_schedule, sum_reports, wrap_ddp
-from megatron_var.training.step import make_forward_step, sft_reduce
+from megatron_var.runtime.engine import OptimConfig, build_optimizer, run_schedule, sum_reports, wrap_ddp
+from megatron_var.objectives.reducers import sft_reduce
+from megatron_var.runtime.forward_step import make_forward_step
 
 from helpers import LLAMA, layout, QWEN_TIED, dp_share, global_sum, max_rel_err, max_update_err, sft_microbatches
 

@@ -11,9 +11,9 @@ import pytest
 import torch.distributed as dist
 
 from megatron_var.models.gpt import ModelOptions
-from megatron_var.synthetic_data import write_random_groups
-from megatron_var.training.engine import OptimConfig
-from megatron_var.training.loop import TrainConfig, Trainer
+from megatron_var.data.synthetic import write_random_groups
+from megatron_var.runtime.engine import OptimConfig
+from megatron_var.training.trainer import TrainConfig, Trainer
 
 from helpers import LLAMA
 

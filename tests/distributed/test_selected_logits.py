@@ -11,8 +11,8 @@ from megatron.core import parallel_state
 
 from megatron_var.models.full_state import gather_full, load_full
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
-from megatron_var.training.engine import OptimConfig, run_schedule, wrap_ddp
-from megatron_var.training.step import make_forward_step
+from megatron_var.runtime.engine import OptimConfig, run_schedule, wrap_ddp
+from megatron_var.runtime.forward_step import make_forward_step
 
 from helpers import LLAMA, QWEN_TIED, layout, max_rel_err, sft_microbatches
 

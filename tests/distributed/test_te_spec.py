@@ -9,7 +9,7 @@ from fake_te import FakeTEDotProductAttention, fake_te
 
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.models.mask_guard import MaskNotAppliedError
-from megatron_var.reference import FrozenReference
+from megatron_var.reference.online import FrozenReference
 
 from helpers import LLAMA
 

@@ -12,8 +12,9 @@ import os
 import torch.distributed as dist
 
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
-from megatron_var.training.engine import OptimConfig, build_optimizer, run_schedule, wrap_ddp
-from megatron_var.training.step import make_forward_step, sft_reduce
+from megatron_var.runtime.engine import OptimConfig, build_optimizer, run_schedule, wrap_ddp
+from megatron_var.objectives.reducers import sft_reduce
+from megatron_var.runtime.forward_step import make_forward_step
 
 from helpers import LLAMA, dp_share, layout, sft_microbatches
 

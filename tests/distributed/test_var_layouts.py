@@ -16,12 +16,12 @@ from megatron_var.data.groups import Group
 from megatron_var.models.full_state import gather_full, load_full
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.objectives.var import var_weights
-from megatron_var.reference import FrozenReference
-from megatron_var.training import batches as B
-from megatron_var.training.engine import OptimConfig, run_schedule, sum_reports, wrap_ddp, install_schedule_hooks
+from megatron_var.reference.online import FrozenReference
+from megatron_var.batching import steps as B
+from megatron_var.runtime.engine import OptimConfig, run_schedule, sum_reports, wrap_ddp, install_schedule_hooks
 from megatron_var.objectives.alol import alol_advantages
-from megatron_var.training.objective_steps import alol_reduce, var_reduce
-from megatron_var.training.step import make_forward_step
+from megatron_var.objectives.reducers import alol_reduce, var_reduce
+from megatron_var.runtime.forward_step import make_forward_step
 
 from helpers import LLAMA, dp_share, global_sum, layout, max_rel_err
 
@@ -151,8 +151,8 @@ def test_microbatch_split_invariance(reference):
 
 
 def _policy_diag(model, groups, vocab):
-    from megatron_var.data.cross_pairs import build_diagonal
-    from megatron_var.reference import _matrix_reduce, cross_to_batch
+    from megatron_var.batching.pairs import build_diagonal
+    from megatron_var.reference.online import _matrix_reduce, cross_to_batch
 
     batches = [cross_to_batch(build_diagonal(g.prompt_ids, g.response_ids, 0)) for g in groups]
     seq = max(b["tokens"].size(1) for b in batches)
@@ -169,7 +169,7 @@ def _policy_diag(model, groups, vocab):
 
 def test_var_step_moves_policy_towards_high_weights(reference):
     """One VAR update raises log π(y|x) of each group's highest-weight response more than of its lowest-weight one."""
-    from megatron_var.training.engine import build_optimizer
+    from megatron_var.runtime.engine import build_optimizer
 
     init, _ = reference
     with layout(tp=2, pp=2) as pc:

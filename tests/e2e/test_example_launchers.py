@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_var.train import build_parser
+from megatron_var.cli.train import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS = sorted(p for p in (ROOT / "examples").glob("*.sh") if p.name not in ("_launch.sh", "demo_cpu.sh"))
@@ -59,7 +59,7 @@ def test_every_launcher_is_bash_and_python(script):
     text = script.read_text()
     compile(text, str(script), "exec")
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    assert text.rstrip().endswith("import megatron_var.run_example_rank  # torchrun examples/X.sh: train in this rank")
+    assert text.rstrip().endswith("import megatron_var.cli.run_example_rank  # torchrun examples/X.sh: train in this rank")
 
 
 @pytest.mark.parametrize("script", [p for p in LAUNCHERS if p.name != "var_tiny_cpu.sh"], ids=lambda p: p.name)

@@ -16,7 +16,7 @@ def tiny(tmp_path_factory):
 
 
 def _cmd(tiny, save, *extra, data="data"):
-    return ["-m", "megatron_var.train", "--objective", "sft", "--data-path", str(tiny / data),
+    return ["-m", "megatron_var.cli.train", "--objective", "sft", "--data-path", str(tiny / data),
             "--global-batch-size", "2", "--lr", "1e-3", "--lr-warmup-iters", "1", "--save", str(save), *extra]
 
 

@@ -16,13 +16,13 @@ from test_train_resume import _losses, _run, tiny  # noqa: F401  (tiny: the shar
 
 import hf_tiny
 from checkpoint_damage import craft_metadata, flip64
-from checkpoints_convert.import_hf import convert_hf_to_megatron
-from megatron_var import checkpoint_integrity as integrity
-from megatron_var import checkpoint_layout as layout
+from megatron_var.convert.import_hf import convert_hf_to_megatron
+from megatron_var.checkpoint import integrity as integrity
+from megatron_var.checkpoint import layout as layout
 
 
 def _train(tiny, *extra, objective="sft"):  # noqa: F811
-    return _run(["-m", "megatron_var.train", "--objective", objective, "--var-lambda", "0.5",
+    return _run(["-m", "megatron_var.cli.train", "--objective", objective, "--var-lambda", "0.5",
                  "--data-path", str(tiny / "data"), "--global-batch-size", "1", "--lr", "1e-3", *extra], timeout=300)
 
 

@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
 
 
 def _train_cmd(tiny, save, *extra):
-    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megatron_var.train",
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megatron_var.cli.train",
             "--objective", "var", "--var-lambda", "0.5", "--data-path", str(tiny / "data"),
             "--tensor-model-parallel-size", "2", "--global-batch-size", "2", "--train-iters", "6",
             "--lr", "1e-3", "--lr-warmup-iters", "1", "--save", str(save), "--save-interval", "2", *extra]
@@ -92,14 +92,14 @@ def test_sigkill_and_resume_is_bitwise(tiny, uninterrupted, tmp_path):
 
 
 def test_bad_load_path_is_a_clean_error(tiny, tmp_path):
-    r = _run(["-m", "megatron_var.train", "--data-path", str(tiny / "data"), "--load", str(tmp_path / "nope"),
+    r = _run(["-m", "megatron_var.cli.train", "--data-path", str(tiny / "data"), "--load", str(tmp_path / "nope"),
               "--train-iters", "1"], timeout=300)
     assert r.returncode == 2
     assert "error:" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_layout_not_fitting_world_is_a_clean_error(tiny, tmp_path):
-    r = _run(["-m", "megatron_var.train", "--data-path", str(tiny / "data"), "--model-arch",
+    r = _run(["-m", "megatron_var.cli.train", "--data-path", str(tiny / "data"), "--model-arch",
               str(tiny / "model_arch.json"), "--tensor-model-parallel-size", "2", "--train-iters", "1"], timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "not divisible by --tensor-model-parallel-size" in r.stderr and "Traceback" not in r.stderr
@@ -127,7 +127,7 @@ def test_ref_cache_trains_like_online_scoring(tiny, uninterrupted, tmp_path):
 
 
 def _single_rank_cmd(tiny, save, *extra):
-    return ["-m", "megatron_var.train", "--objective", "sft", "--data-path", str(tiny / "data"),
+    return ["-m", "megatron_var.cli.train", "--objective", "sft", "--data-path", str(tiny / "data"),
             "--model-arch", str(tiny / "model_arch.json"), "--global-batch-size", "1", "--lr", "1e-3",
             "--save", str(save), "--save-interval", "1", *extra]
 

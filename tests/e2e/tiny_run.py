@@ -53,7 +53,7 @@ def shared_tiny(tmp_path_factory) -> Path:
 def torchrun(nproc: int = 2, *launcher_args: str) -> list[str]:
     """``python`` arguments starting the trainer under torchrun on this machine."""
     return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *launcher_args,
-            "-m", "megatron_var.train"]
+            "-m", "megatron_var.cli.train"]
 
 
 def records(save: Path) -> list[dict]:

@@ -39,13 +39,14 @@ def measure(cfg: dict, warm_up: bool = False) -> dict:
     """Peaks of one configuration: static state after a first step, then a reference pass and a policy step."""
     import torch
 
-    from megatron_var import parallel
+    from megatron_var.runtime import parallel
     from megatron_var.models.arch import ModelArch
     from megatron_var.models.gpt import ModelOptions, build_model_chunks
-    from megatron_var.reference import FrozenReference
-    from megatron_var.training import batches as B
-    from megatron_var.training.engine import OptimConfig, build_optimizer, run_schedule, wrap_ddp
-    from megatron_var.training.step import make_forward_step, sft_reduce
+    from megatron_var.reference.online import FrozenReference
+    from megatron_var.batching import steps as B
+    from megatron_var.runtime.engine import OptimConfig, build_optimizer, run_schedule, wrap_ddp
+    from megatron_var.objectives.reducers import sft_reduce
+    from megatron_var.runtime.forward_step import make_forward_step
 
     parallel.seed_everything(1)
     arch = ModelArch(**cfg["arch"])
@@ -100,7 +101,7 @@ def main(cfgs: list[dict]) -> list[dict]:
     """Every configuration in one process (under torchrun: one layout for all, each rank measures itself)."""
     import torch
 
-    from megatron_var import parallel
+    from megatron_var.runtime import parallel
 
     torch.set_num_threads(1)
     parallel.init_distributed()

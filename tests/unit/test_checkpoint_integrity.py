@@ -9,10 +9,10 @@ import pytest
 
 import hf_tiny
 from checkpoint_damage import flip64, truncate
-from checkpoints_convert.export_hf import convert_megatron_to_hf
-from checkpoints_convert.import_hf import convert_hf_to_megatron
-from megatron_var import checkpoint_integrity as integrity
-from megatron_var import checkpoint_layout as layout
+from megatron_var.convert.export_hf import convert_megatron_to_hf
+from megatron_var.convert.import_hf import convert_hf_to_megatron
+from megatron_var.checkpoint import integrity as integrity
+from megatron_var.checkpoint import layout as layout
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 import hf_tiny
-from checkpoints_convert import cli, export_hf, hf_to_megatron, import_hf, megatron_to_hf
-from checkpoints_convert.hf_io import ShardedSafetensorsWriter
-from megatron_var import checkpoint_layout as layout
+from megatron_var.cli import convert_common as cli, hf_to_megatron, megatron_to_hf
+from megatron_var.convert import export_hf, import_hf
+from megatron_var.convert.hf_io import ShardedSafetensorsWriter
+from megatron_var.checkpoint import layout as layout
 
 ROOT = Path(__file__).resolve().parents[2]
 

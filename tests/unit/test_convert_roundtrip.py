@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 import hf_tiny
-from checkpoints_convert.dcp_io import CheckpointReader
-from checkpoints_convert.export_hf import convert_megatron_to_hf
-from checkpoints_convert.import_hf import convert_hf_to_megatron
-from megatron_var import checkpoint_layout as layout
+from megatron_var.convert.dcp_io import CheckpointReader
+from megatron_var.convert.export_hf import convert_megatron_to_hf
+from megatron_var.convert.import_hf import convert_hf_to_megatron
+from megatron_var.checkpoint import layout as layout
 
 
 def _tensors(d) -> dict[str, torch.Tensor]:

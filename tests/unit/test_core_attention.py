@@ -5,7 +5,7 @@ import pytest
 import torch
 from attention_fixtures import make_core, reference_attention
 
-from megatron_var.data.cross_pairs import block_attention_mask, build_shared_prefix
+from megatron_var.batching.pairs import block_attention_mask, build_shared_prefix
 from megatron_var.models.layers import FlexCoreAttention, SDPACoreAttention
 from megatron_var.models.segment_mask import SegmentMask, segment_mask_mod
 from megatron_var.models.specs import use_flex_attention

@@ -11,7 +11,7 @@ import pytest
 import torch
 from attention_fixtures import make_core, reference_attention
 
-from megatron_var.data.cross_pairs import build_shared_prefix
+from megatron_var.batching.pairs import build_shared_prefix
 from megatron_var.models.layers import FlexCoreAttention, SDPACoreAttention
 from megatron_var.models.segment_mask import SegmentMask
 

@@ -8,7 +8,7 @@ import torch
 
 CODE = r"""
 import torch
-from megatron_var.platform import cpu
+from megatron_var.runtime.platform import cpu
 orig_type, orig_cuda, orig_engine = torch.Tensor.type, torch.Tensor.cuda, torch.autograd._engine_run_backward
 cpu.enable()
 t = torch.zeros(2, device="cuda")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from megatron_var.data.cross_pairs import (
+from megatron_var.batching.pairs import (
     block_attention_mask,
     build_cross_pairs,
     build_diagonal,

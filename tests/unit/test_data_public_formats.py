@@ -241,7 +241,7 @@ def test_conversational_mismatch_and_bad_label_are_bad_rows(tmp_path, tok_dir):
 def test_readme_format_table_lists_every_adapter():
     """docs and --help name every adapter (a new one cannot be left undocumented)."""
     from megatron_var.data.adapters import FORMATS
-    from megatron_var.data.prepare_cli import DESCRIPTION
+    from megatron_var.cli.prepare_data import DESCRIPTION
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "data-format.md").read_text()
     for fmt in FORMATS:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_var.data.cli import run_cli
+from megatron_var.cli.common import run_cli
 from megatron_var.demo.tiny_model import TinyModelConfig, build_tiny_hf_model
-from megatron_var.evaluation import EvalConfig, evaluate
-from megatron_var.evaluation_cli import main as cli_main
-from megatron_var.generation import rank_batches, resolve_engine
+from megatron_var.eval.reward_eval import EvalConfig, evaluate
+from megatron_var.cli.eval_reward import main as cli_main
+from megatron_var.eval.generation import rank_batches, resolve_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 REWARD_FN = "megatron_var.demo.task:reward"

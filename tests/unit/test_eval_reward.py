@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_var.data.cli import run_cli
+from megatron_var.cli.common import run_cli
 from megatron_var.demo.task import make_test_prompts, reward
 from megatron_var.demo.tiny_model import TinyModelConfig, build_tiny_hf_model
-from megatron_var.evaluation import EvalConfig, evaluate, load_prompts, mean_se, seed_for, summarize
-from megatron_var.evaluation_cli import main as cli_main
+from megatron_var.eval.reward_eval import EvalConfig, evaluate, load_prompts, mean_se, seed_for, summarize
+from megatron_var.cli.eval_reward import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
 REWARD_FN = "megatron_var.demo.task:reward"
@@ -205,7 +205,7 @@ def test_cli_subprocess_end_to_end(setup, tmp_path):
 def test_overlong_prompts_keep_their_end():
     from types import SimpleNamespace
 
-    from megatron_var.evaluation import fit_prompts
+    from megatron_var.eval.reward_eval import fit_prompts
 
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=10))
     long, short = list(range(1, 13)), [1, 2]

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_var import gpu_check
+from bench import gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ from attention_fixtures import make_core
 from fake_te import FakeTEDotProductAttention, FakeTELayerNormColumnParallelLinear, fake_te
 from megatron.core.transformer import TransformerConfig
 
-from megatron_var.data.cross_pairs import build_shared_prefix
+from megatron_var.batching.pairs import build_shared_prefix
 from megatron_var.models import mask_guard, specs
 from megatron_var.models.layers import FlexCoreAttention, SDPACoreAttention
 from megatron_var.models.segment_mask import SegmentMask

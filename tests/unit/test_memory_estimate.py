@@ -1,4 +1,4 @@
-"""The memory estimator (megatron_var/memory.py): the example launchers fit, and the formula matches reality.
+"""The memory estimator (megatron_var/memory/estimate.py): the example launchers fit, and the formula matches reality.
 
 * Every GPU launcher in examples/ (each ``launch ...`` line, parsed with the trainer's own parser) must fit an
   80 GB GPU with >= 10% free at the documented sequence length: prepare_data's ``--seq-length`` default of 2048
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_var import memory_cli
-from megatron_var.memory import GIB, Layout, Precision, Workload, estimate
+from megatron_var.cli import memory as memory_cli
+from megatron_var.memory.estimate import GIB, Layout, Precision, Workload, estimate
 from megatron_var.models.arch import ModelArch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def trainer_flags(path: Path, tmp: Path) -> list[str]:
 
 def launcher_setup(path: Path, tmp: Path):
     """(arch, layout, workload, precision) of one launcher, from its header and its ``launch`` flags."""
-    from megatron_var.train import build_parser
+    from megatron_var.cli.train import build_parser
 
     text = path.read_text()
     model = re.search(r"^# \w+ on (Llama-[\d.]+-\d+B|Qwen[\d.]+-\d+B)", text, re.M)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megatron_var.training.batches import global_order, step_groups, step_start
+from megatron_var.batching.steps import global_order, step_groups, step_start
 from megatron_var.training.progress import build_scheduler, plan_run
 
 

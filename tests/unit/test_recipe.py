@@ -22,17 +22,19 @@ def _parse(script: str, args: list[str]):
     """Parse args with the parser of the tool at `script` (SystemExit = rejected)."""
     name = Path(script).name
     if name == "score_rewards.py":
-        from megatron_var.data.rewards_cli import build_parser
+        from megatron_var.cli.score_rewards import build_parser
     elif name == "eval_reward.py":
-        from megatron_var.evaluation_cli import build_parser
+        from megatron_var.cli.eval_reward import build_parser
     elif name == "eval_winrate.py":
-        from megatron_var.winrate_cli import build_parser
+        from megatron_var.cli.eval_winrate import build_parser
     elif name == "prepare_data.py":
-        from megatron_var.data.prepare_cli import build_parser
-    elif name in ("hf_to_megatron.py", "megatron_to_hf.py"):
-        sys.path.insert(0, str(ROOT / "checkpoints_convert"))
-        mod = __import__(name[:-3])
-        return mod.parse_args(args)
+        from megatron_var.cli.prepare_data import build_parser
+    elif name == "hf_to_megatron.py":
+        from megatron_var.cli.hf_to_megatron import parse_args
+        return parse_args(args)
+    elif name == "megatron_to_hf.py":
+        from megatron_var.cli.megatron_to_hf import parse_args
+        return parse_args(args)
     else:
         raise AssertionError(f"no parser known for {script}")
     return build_parser().parse_args(args)

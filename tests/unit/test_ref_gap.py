@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from megatron_var.training import ref_gap
+from megatron_var.objectives import ref_gap
 
 
 def test_gap_is_the_largest_relative_difference():

@@ -11,11 +11,11 @@ import pytest
 import torch
 from data_fixtures import make_tokenizer, plain_rows, run_prepare, write_jsonl
 
-from megatron_var import reference_cache
+from megatron_var.reference import cache as reference_cache
 from megatron_var.data.groups import EpochGroupings, GroupDataset, list_shards, rewards_path_for, split_shards
-from megatron_var.data.prepare_cli import build_parser
+from megatron_var.cli.prepare_data import build_parser
 from megatron_var.data.rewards import ScoreConfig, score_rewards
-from megatron_var.training.batches import global_order, step_groups, step_start
+from megatron_var.batching.steps import global_order, step_groups, step_start
 
 B, N = 3, 3
 FN = "def score(prompts, responses):\n    return [len(p) * 0.01 + len(r) * 0.1 for p, r in zip(prompts, responses)]\n"

@@ -17,13 +17,13 @@ from torch.distributed.checkpoint import FileSystemReader
 
 import hf_tiny
 from checkpoint_damage import Payload, craft_metadata
-from checkpoints_convert.dcp_io import CheckpointReader, write_checkpoint
-from checkpoints_convert.export_hf import convert_megatron_to_hf
-from checkpoints_convert.import_hf import convert_hf_to_megatron
+from megatron_var.convert.dcp_io import CheckpointReader, write_checkpoint
+from megatron_var.convert.export_hf import convert_megatron_to_hf
+from megatron_var.convert.import_hf import convert_hf_to_megatron
 from data_fixtures import write_jsonl
-from megatron_var import checkpoint_integrity as integrity
-from megatron_var import checkpoint_layout as layout
-from megatron_var import safe_unpickle
+from megatron_var.checkpoint import integrity as integrity
+from megatron_var.checkpoint import layout as layout
+from megatron_var.checkpoint import safe_unpickle
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 import hf_tiny
-from checkpoints_convert.import_hf import convert_hf_to_megatron
+from megatron_var.convert.import_hf import convert_hf_to_megatron
 from data_fixtures import make_tokenizer, write_jsonl
-from megatron_var.data.cli import run_cli
-from megatron_var.scoring_cli import main, read_pairs
+from megatron_var.cli.common import run_cli
+from megatron_var.cli.score_logprobs import main, read_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 

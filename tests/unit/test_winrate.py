@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from judge_server import FakeJudge
 
-from megatron_var.data.cli import run_cli
-from megatron_var.winrate import combine, pair_outcome, parse_verdict, render_question, seed_rates
-from megatron_var.winrate_cli import main as cli_main
+from megatron_var.cli.common import run_cli
+from megatron_var.eval.winrate import combine, pair_outcome, parse_verdict, render_question, seed_rates
+from megatron_var.cli.eval_winrate import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(60)

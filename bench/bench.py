@@ -1,0 +1,236 @@
+"""One-process performance benchmark (issue 9): policy step vs transformers, cross-pair scoring, VAR vs SFT step.
+
+    python tools/bench.py --preset tiny            # CPU, seconds
+    python tools/bench.py --preset llama3.2-1b     # one GPU (bf16), a few minutes
+
+Everything is measured in one run of one process (a world of 1 through ``megatron_var.runtime.parallel``), so the ratios
+compare like with like on the same device:
+  policy_step        fwd+bwd of one micro-batch: our megatron-core GPTModel (local spec, SDPA) vs transformers'
+                     LlamaForCausalLM (SDPA), same shape, random init. MFU = tokens/s × (6N + 6·L·h·s) / peak, with
+                     the peak measured here by an n³ matmul (bf16 on GPU, fp32 on CPU).
+  reference_scoring  one group's [B, B] cross-pair matrix: naive (B² rows in one micro-batch, as
+                     ``--cross-pair-method naive``; and split per prompt), shared prefix with the dense mask, and
+                     shared prefix with the FlexAttention BlockMask (GPU).
+  var_vs_sft         a training step on B·(P+R) tokens: SFT, and VAR = reference pass + weights + the same step.
+Results: printed as JSON and written to ``bench/results/<preset>_<device>.json``. Targets are reported, never
+asserted (timings are not test material).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from bench import bench_steps as S
+from megatron_var.models.arch import ModelArch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model shape and workload of one benchmark size."""
+
+    arch: ModelArch
+    micro_batch: int
+    """(a) rows per policy micro-batch."""
+    seq_length: int
+    """(a) tokens per row."""
+    group_size: int
+    """(b)/(c) B."""
+    prompt_len: int
+    """(b)/(c) P."""
+    response_len: int
+    """(b)/(c) R."""
+    matmul_n: int
+    """n of the n³ matmul that measures the device's peak FLOP/s."""
+    warmup: int = 2
+    iters: int = 6
+
+
+PRESETS = {
+    "tiny": Preset(  # the 1B preset's proportions (B=8, P = 2R, GQA 4:1, tied) at a size a CPU core runs in seconds
+        arch=ModelArch(family="llama", num_layers=2, hidden_size=128, ffn_hidden_size=512, num_attention_heads=8,
+                       num_query_groups=2, kv_channels=16, vocab_size=1024, max_position_embeddings=1024,
+                       rope_theta=10000.0, tie_word_embeddings=True),
+        micro_batch=2, seq_length=256, group_size=8, prompt_len=64, response_len=32, matmul_n=512, warmup=2,
+        iters=7),
+    "micro": Preset(  # bench/gpu_check.sh --dry-run: the code path end to end in seconds, numbers meaningless
+        arch=ModelArch(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                       num_query_groups=2, kv_channels=16, vocab_size=256, max_position_embeddings=256,
+                       rope_theta=10000.0, tie_word_embeddings=True),
+        micro_batch=2, seq_length=64, group_size=4, prompt_len=16, response_len=8, matmul_n=128, warmup=0,
+        iters=1),
+    "llama3.2-1b": Preset(
+        arch=ModelArch(family="llama", num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
+                       num_query_groups=8, kv_channels=64, vocab_size=128256, max_position_embeddings=131072,
+                       rope_theta=500000.0, rope_scaling_factor=32.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+        micro_batch=4, seq_length=2048, group_size=8, prompt_len=512, response_len=256, matmul_n=8192, warmup=1,
+        iters=4),  # 1 warm-up: compiles FlexAttention; a lent GPU's minutes are few
+}
+
+TARGETS = {"policy_vs_transformers": 1.1, "policy_mfu": 0.52, "var_over_sft": 2.3, "shared_prefix_speedup": 2.0}
+
+
+def device_name() -> str:
+    """'NVIDIA H100 80GB HBM3', or the CPU model (from /proc/cpuinfo) and core count."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    model = "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def device_slug(name: str) -> str:
+    """File-name form of a device name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug if torch.cuda.is_available() else "cpu-" + slug.removeprefix("cpu-")
+
+
+def flops_per_token(arch: ModelArch, n_params: int, seq: int) -> float:
+    """6N + 6·L·h·s: dense fwd+bwd FLOPs per token plus causal attention scores (PaLM's MFU convention)."""
+    return 6 * n_params + 6 * arch.num_layers * arch.hidden_size * seq
+
+
+def _policy(preset: Preset, pc, options, peak: float) -> dict:
+    arch, mb, s = preset.arch, preset.micro_batch, preset.seq_length
+    ours = S.guarded(lambda: S.megatron_policy_step(arch, pc, options, mb, s, preset.warmup, preset.iters),
+                     "policy_step/megatron")
+    hf = S.guarded(lambda: S.hf_policy_step(arch, mb, s, preset.warmup, preset.iters), "policy_step/transformers")
+    n = hf.get("params") or ours.get("params")
+    out = {"micro_batch": mb, "seq_length": s, "flops_per_token": flops_per_token(arch, n, s) if n else None,
+           "megatron": ours, "transformers": hf}
+    for entry in (ours, hf):
+        if "tokens_per_s" in entry and n:
+            entry["mfu"] = entry["tokens_per_s"] * out["flops_per_token"] / peak
+    if "tokens_per_s" in ours and "tokens_per_s" in hf:
+        out["megatron_over_transformers"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+    return out
+
+
+def _scoring_and_steps(preset: Preset, pc, options, flex: bool, on_scoring=lambda scoring: None
+                       ) -> tuple[dict, dict]:
+    arch = preset.arch
+    group = S.random_group(preset.group_size, preset.prompt_len, preset.response_len, arch.vocab_size)
+    shape = {"B": preset.group_size, "P": preset.prompt_len, "R": preset.response_len}
+    try:
+        refs = S.build_references(arch, pc, options, flex)
+    except torch.OutOfMemoryError:
+        return dict(shape, error="OOM building references"), dict(shape, error="OOM building references")
+    scoring = dict(shape, **S.reference_scoring(refs, group, preset.warmup, preset.iters))
+    base = scoring["shared_prefix_dense"].get("s")
+    for naive in ("naive", "naive_per_prompt"):
+        t = scoring[naive].get("s")
+        for sp in ("shared_prefix_dense", "shared_prefix_flex"):
+            if t and scoring.get(sp, {}).get("s"):
+                scoring[sp][f"speedup_vs_{naive}"] = t / scoring[sp]["s"]
+    if base is None:
+        logger.warning("shared-prefix scoring failed: %s", scoring["shared_prefix_dense"])
+    on_scoring(scoring)
+    steps = dict(shape, **S.guarded(lambda: S.var_vs_sft(arch, pc, options, refs, group, preset.warmup,
+                                                          preset.iters), "var_vs_sft"))
+    del refs
+    S.free_device()
+    return scoring, steps
+
+
+def _targets(result: dict) -> dict:
+    """Each target with its measured value (None when not measured); a GPU run is the one that counts."""
+    pol, sc, st = result["policy_step"], result["reference_scoring"], result["var_vs_sft"]
+    best_sp = "shared_prefix_flex" if "s" in sc.get("shared_prefix_flex", {}) else "shared_prefix_dense"
+    naive_key = "speedup_vs_naive" if f"speedup_vs_naive" in sc.get(best_sp, {}) else "speedup_vs_naive_per_prompt"
+    values = {
+        "policy_vs_transformers": pol.get("megatron_over_transformers"),
+        "policy_mfu": pol["megatron"].get("mfu"),
+        "var_over_sft": st.get("var_" + best_sp, {}).get("ratio_to_sft"),
+        "shared_prefix_speedup": sc.get(best_sp, {}).get(naive_key),
+    }
+    out = {}
+    for k, v in values.items():
+        bound = TARGETS[k]
+        met = None if v is None else (v <= bound if k == "var_over_sft" else v >= bound)
+        out[k] = {"value": v, "target": ("<= " if k == "var_over_sft" else ">= ") + str(bound), "met": met}
+    out["var_over_sft"]["method"] = best_sp
+    out["shared_prefix_speedup"]["method"] = f"{best_sp} {naive_key}"
+    return out
+
+
+def run(preset_name: str, out_dir: Optional[Path] = Path("bench/results"), *, flex: Optional[bool] = None,
+        transformer_impl: str = "local", iters: Optional[int] = None, warmup: Optional[int] = None,
+        cpu_threads: int = 1) -> dict:
+    """Run every measurement of ``preset_name`` in this process; returns (and writes) the result dict.
+
+    ``cpu_threads``: torch intra-op threads without CUDA. 1 by default: on a 2-core machine two OpenMP threads
+    next to gloo's made single timings 20× slower at random (0.02 s -> 0.9 s for the same step).
+    """
+    from megatron_var.runtime import parallel
+    from megatron_var.models.gpt import ModelOptions
+
+    if preset_name not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset_name!r}")
+    preset = PRESETS[preset_name]
+    preset = dataclasses.replace(preset, iters=iters or preset.iters,
+                                 warmup=preset.warmup if warmup is None else warmup)
+    cuda = torch.cuda.is_available()
+    flex = cuda if flex is None else flex
+    if flex and not cuda:
+        raise ValueError("--flex on needs a CUDA device (FlexAttention's fused kernel); use --flex auto on CPU")
+    if not cuda:
+        torch.set_num_threads(cpu_threads)
+    parallel.init_distributed()
+    pc = parallel.ParallelConfig()
+    parallel.init_model_parallel(pc)
+    parallel.seed_everything(1234)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    options = ModelOptions(params_dtype="bf16" if cuda else "fp32", transformer_impl=transformer_impl,
+                           seq_length=max(preset.seq_length, preset.prompt_len + preset.group_size *
+                                          (preset.response_len + 1)))
+    t0 = time.time()
+    name = device_name()
+    peak = S.measure_peak_flops(preset.matmul_n)
+    import megatron.core
+    import transformers
+
+    result = {
+        "preset": preset_name, "device": name, "dtype": options.params_dtype, "transformer_impl": transformer_impl,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "megatron_core": megatron.core.__version__},
+        "warmup": preset.warmup, "iters": preset.iters, "cpu_threads": None if cuda else torch.get_num_threads(),
+        "peak": peak,
+        "arch": preset.arch.to_dict(),
+    }
+    path = None
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{preset_name}_{device_slug(name)}.json"
+
+    def write() -> None:  # after every part: a run cut short still leaves what it measured
+        if path is not None:
+            result["wall_s"] = round(time.time() - t0, 1)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+
+    result["policy_step"] = _policy(preset, pc, options, peak["flops_per_s"])
+    write()
+    result["reference_scoring"], result["var_vs_sft"] = _scoring_and_steps(
+        preset, pc, options, flex, on_scoring=lambda sc: (result.update(reference_scoring=sc), write()))
+    result["targets"] = _targets(result)
+    write()
+    if path is not None:
+        result["written_to"] = str(path)
+    return result

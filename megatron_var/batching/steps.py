@@ -1,0 +1,76 @@
+"""Group order across epochs and data-parallel ranks, and policy micro-batches built from groups.
+
+Why consumed-groups bookkeeping instead of per-rank iterators: resuming (even at another DP size) continues the same
+global order — a known failure elsewhere is data replayed or reordered after resume. Group order is reshuffled each
+epoch with (seed, epoch); group membership is fixed by data preparation (so rewards could be precomputed), one
+grouping per epoch when the data has several (``prepare_data --regroup-epochs N``: epoch e reads grouping e % N).
+
+``consumed`` is a position in the stream of epochs (epoch = consumed // G). A step never spans two epochs: when the
+rest of an epoch is shorter than a global batch, that tail is skipped (as drop_last; counted in the metrics) and
+the step starts the next epoch. Why: with one grouping a step across the boundary could hold the same group twice
+(the end of epoch e's order and the start of epoch e+1's), and with several it would hold a sample twice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatron_var.batching.pairs import build_diagonal
+
+
+def global_order(num_groups: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_groups)
+
+
+def check_batch_fits(num_groups: int, global_batch: int) -> None:
+    """One-line error when one step would need more groups than an epoch has (it would repeat groups)."""
+    if global_batch > num_groups:
+        raise ValueError(f"--global-batch-size {global_batch} is larger than the {num_groups} training groups of one "
+                         "epoch: a step would hold a group twice; lower it or prepare more data")
+
+
+def step_start(consumed: int, global_batch: int, num_groups: int) -> int:
+    """Where the step after ``consumed`` groups starts: ``consumed``, or the start of the next epoch when fewer than
+    ``global_batch`` groups are left in this one (they are skipped: ``step_start - consumed`` of them)."""
+    check_batch_fits(num_groups, global_batch)
+    epoch, pos = divmod(consumed, num_groups)
+    return consumed if pos + global_batch <= num_groups else (epoch + 1) * num_groups
+
+
+def step_groups(num_groups: int, seed: int, consumed: int, global_batch: int, dp_rank: int, dp_size: int,
+                num_groupings: int = 1) -> list[int]:
+    """Group indices of this DP rank for the step that starts after ``consumed`` groups (contiguous DP slices).
+
+    ``num_groups`` is G, the groups of one epoch (of one grouping). With ``num_groupings`` N the indices address
+    all groupings as one sequence (``groups.EpochGroupings``): ``(epoch % N) * G + k``.
+    """
+    epoch, pos = divmod(step_start(consumed, global_batch, num_groups), num_groups)
+    order = global_order(num_groups, seed, epoch)
+    base = (epoch % num_groupings) * num_groups
+    per_rank = global_batch // dp_size
+    return [base + int(order[k]) for k in range(pos + dp_rank * per_rank, pos + (dp_rank + 1) * per_rank)]
+
+
+def policy_microbatch(groups: list, pad_id: int, pad_to_multiple_of: int = 1, seq_length=None) -> dict:
+    """Rows [x_i; y_i] of every sample of ``groups`` (group-major) as one schedule micro-batch."""
+    prompts = [p for g in groups for p in g.prompt_ids]
+    responses = [r for g in groups for r in g.response_ids]
+    d = build_diagonal(prompts, responses, pad_id, pad_to_multiple_of=pad_to_multiple_of, seq_length=seq_length)
+    return {"tokens": d.tokens, "labels": d.labels, "loss_mask": d.loss_mask, "position_ids": None,
+            "attention_mask": None, "cross": d, "num_groups": len(groups)}
+
+
+def uniform_microbatches(micro_groups: list[list], pad_id: int, pad_to_multiple_of: int, same_length: bool
+                         ) -> list[dict]:
+    """Policy micro-batches; under pipeline parallelism all share one length (megatron's fixed p2p shapes)."""
+    batches = [policy_microbatch(g, pad_id, pad_to_multiple_of) for g in micro_groups]
+    if same_length and len({b["tokens"].shape for b in batches}) > 1:
+        longest = max(b["tokens"].size(1) for b in batches)
+        batches = [policy_microbatch(g, pad_id, pad_to_multiple_of, seq_length=longest) for g in micro_groups]
+    return batches
+
+
+def rewards_tensor(groups: list) -> torch.Tensor:
+    """[G, B, B] float32 reward matrices (the loader has already refused missing/non-finite ones)."""
+    return torch.stack([torch.as_tensor(g.rewards, dtype=torch.float32) for g in groups])

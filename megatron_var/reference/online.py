@@ -1,0 +1,108 @@
+"""The frozen reference policy: same architecture and TP/PP/VPP layout as the policy, forward-only.
+
+Why the same layout: the reference shares the policy's ranks, so its [B, B] cross-pair scores come out on the
+policy's last pipeline stage — exactly where the VAR loss needs them — with no resharding, through the same
+``forward_step`` and vocab-parallel log-prob code as the policy (a peer shipped a bug where they differed).
+No DDP wrapper, no gradients, no optimizer state; optionally parked on the CPU between uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_var.batching.pairs import PairBatch, build_diagonal, build_cross_pairs
+from megatron_var.models.segment_mask import SegmentMask
+from megatron_var.runtime.engine import run_schedule
+from megatron_var.runtime.forward_step import make_forward_step
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["shared_prefix", "naive"]
+
+
+def _matrix_reduce(reduction: str):
+    def reduce_fn(token_logps: torch.Tensor, batch: dict):
+        cross: PairBatch = batch["cross"]
+        matrix = cross.reduce(token_logps.detach(), reduction)
+        zero = token_logps.sum() * 0.0
+        return zero, torch.tensor(1, dtype=torch.int, device=zero.device), {"matrix": matrix}
+
+    return reduce_fn
+
+
+def cross_to_batch(cross: PairBatch) -> dict:
+    """Model inputs of a PairBatch as a schedule micro-batch dict (the batch object rides along).
+
+    A block-masked batch passes its mask in compact form (``SegmentMask``): the core attention builds a
+    FlexAttention BlockMask or the dense mask from it on the device, once per micro-batch.
+    """
+    mask = SegmentMask(cross.attn_segments) if cross.block_masked else None
+    return {"tokens": cross.tokens, "labels": cross.labels, "loss_mask": cross.loss_mask,
+            "position_ids": cross.position_ids, "attention_mask": mask, "cross": cross}
+
+
+class FrozenReference:
+    """Scores cross pairs (VAR) or the diagonal (DPO) of each group with frozen model chunks."""
+
+    def __init__(self, chunks: list[torch.nn.Module], vocab_size: int, pad_id: int, *,
+                 method: Method = "shared_prefix", offload: bool = False, pad_to_multiple_of: int = 1):
+        self.chunks = chunks
+        self.vocab_size = vocab_size
+        self.pad_id = pad_id
+        self.method = method
+        self.offload = offload and torch.cuda.is_available()
+        self.pad_to_multiple_of = pad_to_multiple_of
+        for chunk in chunks:
+            chunk.eval()
+            for p in chunk.parameters():
+                p.requires_grad_(False)
+        if self.offload:
+            self._move("cpu")
+
+    def _move(self, device) -> None:
+        for chunk in self.chunks:
+            chunk.to(device)
+
+    @torch.no_grad()
+    def _score(self, batches: list[dict], reduction: str) -> Optional[list[torch.Tensor]]:
+        if self.offload:
+            self._move(torch.cuda.current_device())
+        try:
+            seq = max(b["tokens"].size(1) for b in batches)
+            reports = run_schedule(make_forward_step(_matrix_reduce(reduction), self.vocab_size), batches,
+                                   self.chunks, forward_only=True, seq_length=seq,
+                                   micro_batch_size=batches[0]["tokens"].size(0))
+        finally:
+            if self.offload:
+                self._move("cpu")
+        if not reports:  # not the last pipeline stage
+            return None
+        return [r["matrix"].float().cpu() for r in reports]
+
+    def score_cross_pairs(self, prompts: Sequence[Sequence[Sequence[int]]],
+                          responses: Sequence[Sequence[Sequence[int]]], reduction: str = "sum"
+                          ) -> Optional[list[torch.Tensor]]:
+        """[B, B] matrices log pi_ref(y_j | x_i), one per group (one micro-batch each); None off the last stage."""
+        return self._score(self._build(lambda p, r, **kw: build_cross_pairs(p, r, self.pad_id, method=self.method,
+                                                                            **kw), prompts, responses), reduction)
+
+    def score_diagonal(self, prompts: Sequence[Sequence[Sequence[int]]],
+                       responses: Sequence[Sequence[Sequence[int]]], reduction: str = "sum"
+                       ) -> Optional[list[torch.Tensor]]:
+        """[B] vectors log pi_ref(y_i | x_i), one per group (DPO's reference); None off the last stage."""
+        return self._score(self._build(lambda p, r, **kw: build_diagonal(p, r, self.pad_id, **kw),
+                                       prompts, responses), reduction)
+
+    def _build(self, build, prompts, responses) -> list[dict]:
+        """One micro-batch per group; under PP all of one call share a length (megatron's fixed p2p shapes)."""
+        crosses = [build(p, r, pad_to_multiple_of=self.pad_to_multiple_of) for p, r in zip(prompts, responses)]
+        longest = max(c.tokens.size(1) for c in crosses)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1 and \
+                any(c.tokens.size(1) != longest for c in crosses):
+            crosses = [build(p, r, pad_to_multiple_of=self.pad_to_multiple_of, seq_length=longest)
+                       for p, r in zip(prompts, responses)]
+        return [cross_to_batch(c) for c in crosses]
