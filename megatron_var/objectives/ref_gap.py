@@ -2,8 +2,8 @@
 
 With the reference loaded from the policy's start weights, the diagonal of the reference's [B, B] matrix,
 log π_ref(y_i|x_i), must equal the policy's own log π_θ(y_i|x_i) at step 1 — whatever the scoring method
-(shared-prefix rows with a segment mask, naive rows, a cached matrix) and layout. A peer shipped ref ≠ policy at
-step 0 under TP=4; a dropped shared-prefix mask (models/mask_guard.py) would show up here too. The gap is computed
+(shared-prefix rows with a segment mask, naive rows, a cached matrix) and layout. Wrong TP shards of the reference,
+a dropped shared-prefix mask (models/mask_guard.py) or another checkpoint all show up as an O(1) gap. It is computed
 every step from values the step already has (no extra forward): the reference diagonal rides on each VAR
 micro-batch (``batch["ref_diag"]``), the loss compares it with the policy's sequence log-probs.
 """

@@ -2,8 +2,9 @@
 
 Why the same layout: the reference shares the policy's ranks, so its [B, B] cross-pair scores come out on the
 policy's last pipeline stage — exactly where the VAR loss needs them — with no resharding, through the same
-``forward_step`` and vocab-parallel log-prob code as the policy (a peer shipped a bug where they differed).
-No DDP wrapper, no gradients, no optimizer state; optionally parked on the CPU between uses.
+``forward_step`` and vocab-parallel log-prob code as the policy, so reference and policy cannot disagree on how a
+log-prob is computed (checked every step: ``objectives/ref_gap.py``). No DDP wrapper, no gradients, no optimizer
+state; optionally parked on the CPU between uses.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from typing import Literal, Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
-from megatron_var.batching.pairs import PairBatch, build_diagonal, build_cross_pairs
+from megatron_var.batching.pairs import PairBatch, build_cross_pairs, build_diagonal
+from megatron_var.checkpoint.layout import load_model
+from megatron_var.models.arch import ModelArch
+from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.models.segment_mask import SegmentMask
 from megatron_var.runtime.engine import run_schedule
 from megatron_var.runtime.forward_step import make_forward_step
+from megatron_var.runtime.parallel import ParallelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +67,8 @@ class FrozenReference:
                 p.requires_grad_(False)
         if self.offload:
             self._move("cpu")
+        self.last_computed_tokens = 0
+        """Tokens (padding included) the last scoring call ran through the model on this rank."""
 
     def _move(self, device) -> None:
         for chunk in self.chunks:
@@ -71,6 +78,7 @@ class FrozenReference:
     def _score(self, batches: list[dict], reduction: str) -> Optional[list[torch.Tensor]]:
         if self.offload:
             self._move(torch.cuda.current_device())
+        self.last_computed_tokens = sum(b["tokens"].numel() for b in batches)
         try:
             seq = max(b["tokens"].size(1) for b in batches)
             reports = run_schedule(make_forward_step(_matrix_reduce(reduction), self.vocab_size), batches,
@@ -106,3 +114,15 @@ class FrozenReference:
             crosses = [build(p, r, pad_to_multiple_of=self.pad_to_multiple_of, seq_length=longest)
                        for p, r in zip(prompts, responses)]
         return [cross_to_batch(c) for c in crosses]
+
+
+def load_frozen_reference(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions, root: str,
+                          iteration: Optional[int], *, pad_id: int, method: Method = "shared_prefix",
+                          offload: bool = False) -> FrozenReference:
+    """Build model chunks in this rank's layout and load the reference weights from ``root`` (its ``iteration``,
+    or the latest) through the shape-checked checkpoint loader."""
+    chunks = build_model_chunks(arch, parallel, options)
+    load_model(chunks, root, iteration)
+    pad_multiple = parallel.tensor_model_parallel_size if parallel.sequence_parallel else 1
+    return FrozenReference(chunks, arch.vocab_size, pad_id, method=method, offload=offload,
+                           pad_to_multiple_of=pad_multiple)

@@ -1,4 +1,4 @@
-"""Item 2 of issue 13: step-0 identity, every run. With the reference loaded from the policy's start weights, the
+"""Step-1 identity, every run. With the reference loaded from the policy's start weights, the
 diagonal of the reference's [B, B] matrix equals the policy's own log π_θ(y_i|x_i) at step 1: the trainer logs
 ``ref_policy_logp_gap`` in metrics.jsonl every step, ≤ 1e-6 at step 1 on CPU fp32 at TP1 (DP4), TP2, PP2 and
 TP2×PP2, for shared-prefix and naive scoring and with --ref-cache. Negative control: after one update (lr 1e-2)
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from megatron_var.models.gpt import ModelOptions
 from megatron_var.data.synthetic import write_random_groups
-from megatron_var.runtime.engine import OptimConfig
-from megatron_var.training.trainer import TrainConfig, Trainer
+from megatron_var.training.config import (CheckpointConfig, DataConfig, ModelConfig, ObjectiveConfig, OptimizerConfig,
+                                          ReferenceConfig, TrainConfig)
+from megatron_var.training.trainer import Trainer
 
 from helpers import LLAMA
 
@@ -43,10 +43,12 @@ VARIANTS = {"shared_prefix": dict(), "naive": dict(cross_pair_method="naive"), "
 def test_reference_diagonal_equals_policy_at_step_1(tiny_data, layout, name, variant):
     save = tiny_data / f"run_{name}_{variant}"
     with layout(**LAYOUTS[name]) as pc:
-        cfg = TrainConfig(objective="var", data_path=str(tiny_data / "data"), global_batch_size=GROUPS,
-                          train_iters=2, model_arch=str(tiny_data / "model_arch.json"), save=str(save),
-                          var_lambda=0.7, **VARIANTS[variant])
-        Trainer(cfg, pc, OptimConfig(lr=1e-2, clip_grad=0.0), ModelOptions()).train()
+        cfg = TrainConfig(objective=ObjectiveConfig(name="var", var_lambda=0.7),
+                          data=DataConfig(data_path=str(tiny_data / "data"), global_batch_size=GROUPS, train_iters=2),
+                          model=ModelConfig(model_arch=str(tiny_data / "model_arch.json")),
+                          checkpoint=CheckpointConfig(save=str(save)), reference=ReferenceConfig(**VARIANTS[variant]),
+                          optimizer=OptimizerConfig(lr=1e-2, clip_grad=0.0), parallel=pc)
+        Trainer(cfg).train()
         dist.barrier()
     recs = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     gaps = [r["ref_policy_logp_gap"] for r in recs]
