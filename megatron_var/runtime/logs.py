@@ -3,12 +3,16 @@
 Global rank 0 logs INFO and up with a timestamp; every other rank only WARNING and up, tagged with its rank, so a
 64-GPU job prints each progress line once while a rank's own problem still shows (and says whose it is). The rank
 comes from torchrun's RANK before torch.distributed exists, so even the start-up messages are filtered.
+
+``quiet_known_warnings`` hides the few third-party warnings every run prints and nobody can act on, one by one:
+a blanket ``warnings.filterwarnings("ignore")`` would hide the warnings that matter too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Optional
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -38,3 +42,18 @@ def setup_logging(rank: Optional[int] = None) -> None:
     handler.setFormatter(logging.Formatter(fmt, DATE_FORMAT))
     if not ours:
         root.addHandler(handler)
+
+
+def quiet_known_warnings() -> None:
+    """Hide the third-party warnings every run prints and no user can act on, each by message, category and
+    module; any other warning still shows (no blanket ``filterwarnings("ignore")``)."""
+    # megatron-core without Transformer Engine / apex (CPU, a pip install): its torch fallbacks are what we run
+    warnings.filterwarnings("ignore", r"(Transformer Engine and Apex are|Apex is) not installed", UserWarning,
+                            r"megatron\.core")
+    # megatron-core's own default cuda_graph_scope trips its deprecation of that scope (we set no CUDA graphs)
+    warnings.filterwarnings("ignore", r"full scope is deprecated", UserWarning, r"megatron\.core")
+    # raised by merely importing megatron.core.optimizer (it imports the MIMO configs); we do not use MIMO
+    warnings.filterwarnings("ignore", r"MimoModelConfig is experimental", UserWarning, r"megatron\.core")
+    # megatron-core's distributed optimizer still calls the old collective names; torch renamed them
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
+                            r"deprecated", FutureWarning, r"torch\.distributed")

@@ -32,3 +32,21 @@ def test_cli_tools_log_on_rank_0_only():
         out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, RANK=rank, PYTHONPATH=str(ROOT)),
                              capture_output=True, text=True, check=True).stderr.splitlines()
         assert [ln.split(" ", 2)[2] for ln in out] == expected
+
+
+def test_quiet_known_warnings_is_targeted():
+    """megatron-core's no-apex notice is hidden; the same text from elsewhere and any other warning still show."""
+    import warnings
+
+    from megatron_var.runtime.logs import quiet_known_warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        text = "Transformer Engine and Apex are not installed. Falling back to Torch optimizers."
+        warnings.warn_explicit(text, UserWarning, "optimizer.py", 1, module="megatron.core.optimizer")
+        warnings.warn_explicit(text, UserWarning, "mine.py", 1, module="mine")
+        warnings.warn_explicit("something else", UserWarning, "optimizer.py", 2, module="megatron.core.optimizer")
+        warnings.warn_explicit("`torch.distributed.all_gather_into_tensor` is deprecated.", FutureWarning,
+                               "c10d_logger.py", 3, module="torch.distributed.c10d_logger")
+    assert [(w.filename, str(w.message)) for w in seen] == [("mine.py", text), ("optimizer.py", "something else")]
