@@ -12,7 +12,6 @@ Logic in bench/bench.py (orchestration, presets) and bench/bench_steps.py (measu
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -37,7 +36,6 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, help="untimed runs first; default from the preset")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU (1: stable timings)")
     args = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
     flex = {"auto": None, "on": True, "off": False}[args.flex]
     result = run(args.preset, Path(args.out_dir) if args.out_dir else None, flex=flex,
                  transformer_impl=args.transformer_impl, iters=args.iters, warmup=args.warmup,

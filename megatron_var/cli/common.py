@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
+
+from megatron_var.runtime.logs import quiet_known_warnings, setup_logging
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Call ``main(argv)``; a ValueError (a user error: bad flag, file or row) prints ``error: ...`` and returns 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()  # INFO on global rank 0 (torchrun's RANK), warnings only on the others
+    quiet_known_warnings()
     try:
         return main(argv) or 0
     except (ValueError, OSError) as e:  # OSError: unreadable input, no space or permission for the output
