@@ -32,6 +32,7 @@ from megatron_var.training.callbacks import Callback
 from megatron_var.training.config import TrainConfig
 from megatron_var.training.data_checks import arch_source, check_data_tokenizer, data_tokenizer
 from megatron_var.training.global_stats import global_stats
+from megatron_var.training.logging_sinks import check_wandb
 from megatron_var.training.setup import (PAD_ID, build_reference, load_data, read_arch, reference_origin,
                                          restore)
 from megatron_var.training.standard_callbacks import default_callbacks
@@ -51,6 +52,7 @@ class Trainer:
         ck = cfg.checkpoint
         self.callbacks = default_callbacks(cfg) if callbacks is None else callbacks
         self.is_logging_rank = dist.get_rank() == 0
+        check_wandb(cfg.logging)  # a missing package fails now, not after the model is built
         self.objective = build_objective(cfg.objective)
         self.arch = read_arch(cfg)
         if run_dir.check_save_dir(ck.save, ck.load, ck.finetune, ck.overwrite, cfg.reference.ref_load):
