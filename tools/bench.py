@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Performance benchmark in one process: policy step vs transformers (tokens/s, MFU), cross-pair scoring naive vs
-shared prefix (dense / FlexAttention), VAR step vs SFT step. Prints JSON and writes bench/results/<preset>_<device>.json.
+shared prefix (dense / FlexAttention), VAR step vs SFT step. Prints JSON and writes
+bench/results/<preset>_<device>.json.
 
     python tools/bench.py --preset tiny             # CPU, seconds
     python tools/bench.py --preset llama3.2-1b      # one GPU

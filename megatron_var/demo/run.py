@@ -23,6 +23,12 @@ REWARD_FN = "megatron_var.demo.task:reward"
 DEMO = defaults.DEMO
 
 
+def _cli(tool: str) -> list[str]:
+    """Arguments after the interpreter that run one of the package's commands (``megatron_var/cli/<tool>.py``):
+    by module name, so the demo runs from any working directory and does not need a source checkout."""
+    return ["-m", f"megatron_var.cli.{tool}"]
+
+
 class Runner:
     def __init__(self, work: Path, nproc: int):
         self.work, self.nproc = work, nproc
@@ -46,7 +52,7 @@ class Runner:
 
 def _train(run: Runner, stage: str, objective: str, load: Path, data: Path, save: Path, iters: int | None = None,
            save_interval: int | None = None) -> None:
-    args = ["-m", "megatron_var.cli.train", "--load", str(load), "--finetune", "--data-path", str(data),
+    args = [*_cli("train"), "--load", str(load), "--finetune", "--data-path", str(data),
             "--save", str(save), "--overwrite", "--tensor-model-parallel-size", str(run.nproc),
             "--log-interval", "25", *DEMO.train_args(objective)]
     if iters is not None:
@@ -83,17 +89,16 @@ def main(argv=None) -> int:
     paths = write_dataset(work / "task", DEMO.n_train_prompts, DEMO.n_test_prompts, DEMO.seed)
     build_tiny_hf_model(work / "hf_base", family=DEMO.family, texts=corpus_texts(), seed=DEMO.seed, cfg=DEMO.model)
     run.timings["make_model_and_data"] = round(time.perf_counter() - t0, 1)
-    py = ["checkpoints_convert/hf_to_megatron.py"]
-    run.sh("hf_to_megatron", [*py, "--hf-dir", str(work / "hf_base"), "--out", str(work / "meg_base"),
-                              "--tensor-model-parallel-size", str(args.nproc), "--overwrite"])
+    run.sh("hf_to_megatron", [*_cli("hf_to_megatron"), "--hf-dir", str(work / "hf_base"), "--out",
+                              str(work / "meg_base"), "--tensor-model-parallel-size", str(args.nproc), "--overwrite"])
     common = ["--tokenizer", str(work / "hf_base"), "--template", DEMO.template, "--seq-length",
               str(DEMO.seq_length), "--seed", str(DEMO.seed), "--valid-fraction", str(DEMO.valid_fraction),
               "--no-progress", "--overwrite"]
-    run.sh("prepare_all", ["tools/prepare_data.py", "--input", str(paths["train"]), "--responses", "all",
+    run.sh("prepare_all", [*_cli("prepare_data"), "--input", str(paths["train"]), "--responses", "all",
                            "--group-size", str(DEMO.group_size), "--output", str(work / "data_all"), *common])
-    run.sh("score_rewards", ["tools/score_rewards.py", "--data", str(work / "data_all"), "--split", "all",
+    run.sh("score_rewards", [*_cli("score_rewards"), "--data", str(work / "data_all"), "--split", "all",
                              "--reward-fn", REWARD_FN, "--no-progress"])
-    run.sh("prepare_pairs", ["tools/prepare_data.py", "--input", str(paths["train"]), "--responses", "pairs",
+    run.sh("prepare_pairs", [*_cli("prepare_data"), "--input", str(paths["train"]), "--responses", "pairs",
                              "--group-size", "2", "--output", str(work / "data_pairs"), *common])
     _train(run, "sft", "sft", work / "meg_base", work / "data_all", work / "meg_sft", it["sft"])
     interval = max(1, it["var"] // max(1, args.curve_points))
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
     _train(run, "dpo", "dpo", work / "meg_sft", work / "data_pairs", work / "meg_dpo", it["dpo"])
     _train(run, "alol", "alol", work / "meg_sft", work / "data_all", work / "meg_alol", it["alol"])
 
-    export = ["checkpoints_convert/megatron_to_hf.py", "--overwrite"]
+    export = [*_cli("megatron_to_hf"), "--overwrite"]
     for name in ("sft", "var", "dpo", "alol"):
         run.sh(f"export_{name}", [*export, "--load", str(work / f"meg_{name}"), "--out", str(work / f"hf_{name}")])
     curve_iters = sorted({k for k in range(interval, it["var"] + 1, interval)} | {it["var"]})
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
         if k != it["var"]:
             run.sh(f"export_var_{k}", [*export, "--load", str(work / "meg_var"), "--iteration", str(k),
                                        "--out", str(work / f"hf_var_{k}")])
-    ev = ["tools/eval_reward.py", "--prompts", str(paths["test"]), "--reward-fn", REWARD_FN, "--template",
+    ev = [*_cli("eval_reward"), "--prompts", str(paths["test"]), "--reward-fn", REWARD_FN, "--template",
           DEMO.template, "--max-new-tokens", str(DEMO.eval_max_new_tokens), "--batch-size",
           str(DEMO.eval_batch_size)]
     names = ["base", "SFT", "SFT+VAR", "SFT+DPO", "SFT+A-LoL"]
