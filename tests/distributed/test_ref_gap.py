@@ -1,4 +1,4 @@
-"""Item 2 of issue 13: step-0 identity, every run. With the reference loaded from the policy's start weights, the
+"""Step-0 identity, every run. With the reference loaded from the policy's start weights, the
 diagonal of the reference's [B, B] matrix equals the policy's own log π_θ(y_i|x_i) at step 1: the trainer logs
 ``ref_policy_logp_gap`` in metrics.jsonl every step, ≤ 1e-6 at step 1 on CPU fp32 at TP1 (DP4), TP2, PP2 and
 TP2×PP2, for shared-prefix and naive scoring and with --ref-cache. Negative control: after one update (lr 1e-2)
