@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13's prepared GPU check, one device call on a bare H100/H200 (python3 with torch/transformers; megatron-core
+# The prepared GPU check, one device call on a bare H100/H200 (python3 with torch/transformers; megatron-core
 # carried as wheels, docs/performance.md). Each part runs in its own process under its own time limit and
 # OUT/gpu_check.json is rewritten after each part (bench/gpu_check.py):
 #   (a) train     VAR training on CUDA/NCCL, bf16, distributed optimizer, shared-prefix reference with compiled

@@ -76,7 +76,7 @@ def part_train(out: Path, dry_run: bool) -> dict:
 
 
 def part_matrices(out: Path, dry_run: bool) -> dict:
-    from bench import bench_steps as S
+    from bench.measure_steps import build_references, free_device, random_group, scoring_methods
     from megatron_var.runtime import parallel
     from megatron_var.models import specs
     from megatron_var.models.gpt import ModelOptions
@@ -88,13 +88,13 @@ def part_matrices(out: Path, dry_run: bool) -> dict:
     parallel.init_distributed()
     pc = parallel.ParallelConfig()
     parallel.init_model_parallel(pc)
-    group = S.random_group(b, plen[1], rlen[1], arch.vocab_size, seed=3)
+    group = random_group(b, plen[1], rlen[1], arch.vocab_size, seed=3)
     result = {"B": b, "P": plen[1], "R": rlen[1], "flex": "compiled" if cuda else "eager (CPU)"}
     for dtype in ("fp32", "bf16"):
         parallel.seed_everything(1234)
         seq = plen[1] + b * (rlen[1] + 1)
-        refs = S.build_references(arch, pc, ModelOptions(params_dtype=dtype, seq_length=seq), flex=True)
-        mats = {name: fn().double() for name, fn in S.scoring_methods(
+        refs = build_references(arch, pc, ModelOptions(params_dtype=dtype, seq_length=seq), flex=True)
+        mats = {name: fn().double() for name, fn in scoring_methods(
             refs, group, ["shared_prefix_flex", "shared_prefix_dense", "naive"]).items()}
         base = mats["naive"]
         rel = lambda m: float((m - base).abs().max() / base.abs().max())
@@ -103,7 +103,7 @@ def part_matrices(out: Path, dry_run: bool) -> dict:
                          "flex_vs_dense": float((mats["shared_prefix_flex"] - mats["shared_prefix_dense"]).abs().max()
                                                 / mats["shared_prefix_dense"].abs().max())}
         del refs
-        S.free_device()
+        free_device()
         _write(out, "matrices", result)  # after each dtype
     bound = {"fp32": 1e-4, "bf16": 5e-2}  # same bounds as ref_policy_logp_gap's step-1 check
     result["ok"] = all(v <= bound[d] for d in bound for v in result[d].values())
@@ -111,10 +111,10 @@ def part_matrices(out: Path, dry_run: bool) -> dict:
 
 
 def part_bench(out: Path, dry_run: bool) -> dict:
-    from bench.bench import run
+    from bench.step_benchmark import run_benchmark
 
     preset = "micro" if dry_run else "llama3.2-1b"
-    r = run(preset, out / "bench")  # writes out/bench/<preset>_<device>.json after each of its parts
+    r = run_benchmark(preset, out / "bench")  # writes out/bench/<preset>_<device>.json after each of its parts
     return {"preset": preset, "written_to": r.get("written_to"), "targets": r.get("targets"),
             "ok": "error" not in json.dumps(r.get("targets", {}))}
 

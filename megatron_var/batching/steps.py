@@ -1,7 +1,7 @@
 """Group order across epochs and data-parallel ranks, and policy micro-batches built from groups.
 
-Why consumed-groups bookkeeping instead of per-rank iterators: resuming (even at another DP size) continues the same
-global order — a known failure elsewhere is data replayed or reordered after resume. Group order is reshuffled each
+Why consumed-groups bookkeeping instead of per-rank iterators: the position is one global count, so resuming (even at
+another DP size) continues the same global order instead of replaying or reordering groups. Group order is reshuffled each
 epoch with (seed, epoch); group membership is fixed by data preparation (so rewards could be precomputed), one
 grouping per epoch when the data has several (``prepare_data --regroup-epochs N``: epoch e reads grouping e % N).
 

@@ -2,7 +2,8 @@
 
 Why a dataclass of our own: the Megatron checkpoint stores it (``model_arch.json``) so training and export need no
 model-shape flags, and every HF field we cannot express in megatron-core is refused here, once, with a clear message
-(the peers' silent fallbacks, e.g. a Llama-3 rope factor left at its default, are known failures).
+(a silent fallback, e.g. a Llama-3 rope factor left at its default, gives a model that loads but computes other
+log-probs than the HF one).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """``forward_step`` for megatron's schedules: model forward, then a loss that reads per-token log-probs.
 
 Why one adapter for every objective: the policy and the frozen reference must compute log-probs through exactly the
-same code path (a peer shipped a bug where they differed under TP); objectives only differ in how they reduce the
+same code path (they start from the same weights, so any difference between two paths, e.g. in the vocab-parallel
+log-softmax under TP, would be a spurious policy/reference gap); objectives only differ in how they reduce the
 [b, s] token log-probs, which is a pure function passed in as ``reduce_fn``.
 
 Batch dict (one micro-batch): ``tokens`` [b, s] long, ``labels`` [b, s] long (next token), ``loss_mask`` [b, s]

@@ -126,7 +126,7 @@ def destroy_model_parallel() -> None:
     """Tear down megatron's groups (and the process groups behind them) so another layout can be built in the
     same process.
 
-    ``destroy_model_parallel`` leaves ``_EMBEDDING_GLOBAL_RANKS`` behind; stale values made middle PP stages
+    ``destroy_model_parallel`` leaves ``_EMBEDDING_GLOBAL_RANKS`` behind; stale values make middle PP stages
     believe they hold the embedding, so they are reset here too.
     """
     from megatron.core import parallel_state

@@ -1,4 +1,4 @@
-"""Item 1 of issue 13, end to end: the model ``--transformer-impl te`` builds (TE faked with local stand-ins,
+"""End to end: the model ``--transformer-impl te`` builds (TE faked with local stand-ins,
 tests/fake_te.py) scores shared-prefix cross pairs exactly like naive per-pair rows, at TP=2. Negative controls:
 with TE's causal-only core attention the shared-prefix batch is refused, and a core attention that drops the mask
 while claiming to apply it gives a visibly different matrix (so the equality is not vacuous)."""

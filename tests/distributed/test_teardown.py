@@ -35,8 +35,9 @@ def _train_one_step_in_a_layout() -> None:
 
 def test_layouts_release_groups_and_threads():
     """Known residual: one gloo group per layout whose model ran a forward stays alive somewhere inside torch /
-    megatron after it is destroyed (3 threads: 2 run loops + 1 TCP loop; cause not found). Before the fix a layout
-    left ~55 threads (every group of every layout); the bound below is well under that and above the residual."""
+    megatron after it is destroyed (3 threads: 2 run loops + 1 TCP loop; cause not found). If destroy_model_parallel
+    did not destroy the groups, a layout would leave ~55 threads (every group of every layout); the bound below is
+    well under that and above the residual."""
     _train_one_step_in_a_layout()
     gc.collect()
     before = _threads()

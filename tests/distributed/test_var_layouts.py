@@ -17,7 +17,7 @@ from megatron_var.models.full_state import gather_full, load_full
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.objectives.var import var_weights
 from megatron_var.reference.online import FrozenReference
-from megatron_var.batching import steps as B
+from megatron_var.batching.steps import rewards_tensor, uniform_microbatches
 from megatron_var.runtime.engine import OptimConfig, run_schedule, sum_reports, wrap_ddp, install_schedule_hooks
 from megatron_var.objectives.alol import alol_advantages
 from megatron_var.objectives.reducers import alol_reduce, var_reduce
@@ -59,16 +59,16 @@ def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", re
     mats = ref.score_cross_pairs([g.prompt_ids for g in groups], [g.response_ids for g in groups])
     diag = ref.score_diagonal([g.prompt_ids for g in groups], [g.response_ids for g in groups])
     micro = [groups[i:i + groups_per_micro] for i in range(0, len(groups), groups_per_micro)]
-    batches = B.uniform_microbatches(micro, 0, pad, same_length=pc.pipeline_model_parallel_size > 1)
+    batches = uniform_microbatches(micro, 0, pad, same_length=pc.pipeline_model_parallel_size > 1)
     holder = mats is not None
     if holder:
-        w = var_weights(torch.stack(mats), B.rewards_tensor(groups), LAM)
+        w = var_weights(torch.stack(mats), rewards_tensor(groups), LAM)
         for b, wm in zip(batches, w.split([len(m) for m in micro])):
             b["weights"] = wm.reshape(-1)
         if objective == "alol":  # reference log-probs moved off the policy's so that some ratios are clipped
             shift = torch.tensor([0.05, -0.5, 0.5, 0.0]).repeat(len(groups))
             ref_logps = torch.stack(diag).reshape(-1) + shift
-            adv = alol_advantages(B.rewards_tensor(groups), "alol").reshape(-1)
+            adv = alol_advantages(rewards_tensor(groups), "alol").reshape(-1)
             per = [len(m) * GROUP for m in micro]
             for b, rl, a in zip(batches, ref_logps.split(per), adv.split(per)):
                 b["ref_logps"], b["advantages"] = rl, a
@@ -184,8 +184,8 @@ def test_var_step_moves_policy_towards_high_weights(reference):
         ref = FrozenReference(ref_chunks, LLAMA.vocab_size, pad_id=0)
         mats = ref.score_cross_pairs([g.prompt_ids for g in groups], [g.response_ids for g in groups])
         before = _policy_diag(model, groups, LLAMA.vocab_size)
-        batches = B.uniform_microbatches([[g] for g in groups], 0, 1, same_length=True)
-        box = [var_weights(torch.stack(mats), B.rewards_tensor(groups), LAM) if mats is not None else None]
+        batches = uniform_microbatches([[g] for g in groups], 0, 1, same_length=True)
+        box = [var_weights(torch.stack(mats), rewards_tensor(groups), LAM) if mats is not None else None]
         dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                    group=parallel_state.get_pipeline_model_parallel_group())
         w = box[0]

@@ -3,23 +3,23 @@
 import numpy as np
 import pytest
 
-from megatron_var.data import adapters as A
+from megatron_var.data import adapters
 from megatron_var.data.detection import detect_format
 from megatron_var.data.formatting import fit_length
 
 
 def test_offsetbias_label_picks_preferred_output():
     row = {"instruction": "fix: teh cat", "output_1": "the cat", "output_2": "a dog", "label": 1}
-    ex = A.offsetbias(row, "f:1")
+    ex = adapters.offsetbias(row, "f:1")
     assert ex.messages == [{"role": "user", "content": "fix: teh cat"}]
     assert ex.responses == ["the cat", "a dog"]
-    ex2 = A.offsetbias({**row, "label": 2}, "f:2")
+    ex2 = adapters.offsetbias({**row, "label": 2}, "f:2")
     assert ex2.responses == ["a dog", "the cat"]
-    with pytest.raises(A.BadRow) as e:
-        A.offsetbias({**row, "label": 3}, "f:3")
+    with pytest.raises(adapters.BadRow) as e:
+        adapters.offsetbias({**row, "label": 3}, "f:3")
     assert e.value.reason == "bad_label" and "f:3" in str(e.value)
-    with pytest.raises(A.BadRow) as e:
-        A.offsetbias({k: v for k, v in row.items() if k != "output_2"}, "f:4")
+    with pytest.raises(adapters.BadRow) as e:
+        adapters.offsetbias({k: v for k, v in row.items() if k != "output_2"}, "f:4")
     assert e.value.reason == "missing_field" and "output_2" in str(e.value)
 
 
@@ -36,46 +36,46 @@ def test_ultrafeedback_ranks_by_score():
     row = {"instruction": "write", "completions": [
         _uf_completion("mid", fine=3.5, overall=9), _uf_completion("best", fine=4.75, overall=2),
         _uf_completion("worst", fine=1.25, overall=5)]}
-    ex = A.ultrafeedback(row, "u:1")
+    ex = adapters.ultrafeedback(row, "u:1")
     assert ex.responses == ["best", "mid", "worst"] and ex.scores == [4.75, 3.5, 1.25]
-    ex_overall = A.ultrafeedback(row, "u:1", score_key="overall")
+    ex_overall = adapters.ultrafeedback(row, "u:1", score_key="overall")
     assert ex_overall.responses == ["mid", "worst", "best"]
     # no fine-grained_score: mean of the per-aspect ratings, "N/A" left out: (5+4)/2 = 4.5 > (3+3+3)/3
     row2 = {"prompt": "p", "completions": [
         _uf_completion("b", ratings={"helpfulness": "3", "honesty": "3", "truthfulness": "3"}),
         _uf_completion("a", ratings={"helpfulness": "5", "honesty": "4", "truthfulness": "N/A"})]}
-    ex2 = A.ultrafeedback(row2, "u:2")
+    ex2 = adapters.ultrafeedback(row2, "u:2")
     assert ex2.responses == ["a", "b"] and ex2.scores == [4.5, 3.0]
-    with pytest.raises(A.BadRow) as e:
-        A.ultrafeedback({"prompt": "p", "completions": [{"response": "x"}]}, "u:3")
+    with pytest.raises(adapters.BadRow) as e:
+        adapters.ultrafeedback({"prompt": "p", "completions": [{"response": "x"}]}, "u:3")
     assert e.value.reason == "missing_score"
 
 
 def test_hh_multi_turn_last_assistant_is_response():
     chosen = "\n\nHuman: hi there\n\nAssistant: hello!\n\nHuman: how is the sky?\n\nAssistant: it is blue."
     rejected = "\n\nHuman: hi there\n\nAssistant: hello!\n\nHuman: how is the sky?\n\nAssistant: go away"
-    ex = A.hh({"chosen": chosen, "rejected": rejected}, "h:1")
+    ex = adapters.hh({"chosen": chosen, "rejected": rejected}, "h:1")
     assert ex.messages == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello!"},
                            {"role": "user", "content": "how is the sky?"}]
     assert ex.responses == ["it is blue.", "go away"]
-    with pytest.raises(A.BadRow) as e:
-        A.hh({"chosen": chosen, "rejected": rejected.replace("how is", "why is")}, "h:2")
+    with pytest.raises(adapters.BadRow) as e:
+        adapters.hh({"chosen": chosen, "rejected": rejected.replace("how is", "why is")}, "h:2")
     assert e.value.reason == "prompt_mismatch"
-    with pytest.raises(A.BadRow) as e:
-        A.hh({"chosen": "no turns here", "rejected": rejected}, "h:3")
+    with pytest.raises(adapters.BadRow) as e:
+        adapters.hh({"chosen": "no turns here", "rejected": rejected}, "h:3")
     assert e.value.reason == "bad_turns"
 
 
 def test_plain_and_messages():
-    ex = A.plain({"prompt": "p", "response": "r", "rejected": "x", "system": "be nice"}, "p:1")
+    ex = adapters.plain({"prompt": "p", "response": "r", "rejected": "x", "system": "be nice"}, "p:1")
     assert ex.messages == [{"role": "system", "content": "be nice"}, {"role": "user", "content": "p"}]
     assert ex.responses == ["r", "x"]
-    assert A.plain({"prompt": "p", "chosen": "c"}, "p:2").responses == ["c"]
+    assert adapters.plain({"prompt": "p", "chosen": "c"}, "p:2").responses == ["c"]
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
-    ex = A.messages({"messages": msgs}, "m:1")
+    ex = adapters.messages({"messages": msgs}, "m:1")
     assert ex.messages == msgs[:2] and ex.responses == ["a"]
-    with pytest.raises(A.BadRow) as e:
-        A.messages({"messages": msgs[:2]}, "m:2")
+    with pytest.raises(adapters.BadRow) as e:
+        adapters.messages({"messages": msgs[:2]}, "m:2")
     assert e.value.reason == "bad_turns" and "m:2" in str(e.value)
 
 
@@ -114,19 +114,19 @@ def test_implicit_prompt_text_split_keeps_words_whole():
     for chosen, rejected, prompt in [("The sky is blue.", "The sky is green.", "The sky is"),
                                      ("The sky is blue", "The sky is black", "The sky is"),
                                      ("Q: 2+2?\nA: 4", "Q: 2+2?\nA: 5", "Q: 2+2?\nA:")]:
-        ex = A.implicit_preference({"chosen": chosen, "rejected": rejected}, "i:1")
+        ex = adapters.implicit_preference({"chosen": chosen, "rejected": rejected}, "i:1")
         assert ex.messages == [{"role": "user", "content": prompt}]
         assert [prompt + r for r in ex.responses] == [chosen, rejected]
-    with pytest.raises(A.BadRow) as e:
-        A.implicit_preference({"chosen": "yes", "rejected": "no"}, "i:2")
+    with pytest.raises(adapters.BadRow) as e:
+        adapters.implicit_preference({"chosen": "yes", "rejected": "no"}, "i:2")
     assert e.value.reason == "no_common_prompt"
 
 
 def test_plain_rejected_may_be_a_dialogue():
     u = {"role": "user", "content": "p"}
-    ex = A.plain({"prompt": "p", "response": "r", "rejected": [u, {"role": "assistant", "content": "x"}]}, "p:1")
+    ex = adapters.plain({"prompt": "p", "response": "r", "rejected": [u, {"role": "assistant", "content": "x"}]}, "p:1")
     assert ex.messages == [u] and ex.responses == ["r", "x"]
-    with pytest.raises(A.BadRow) as e:
-        A.plain({"prompt": "p", "response": "r", "rejected": [{"role": "user", "content": "other"},
+    with pytest.raises(adapters.BadRow) as e:
+        adapters.plain({"prompt": "p", "response": "r", "rejected": [{"role": "user", "content": "other"},
                                                              {"role": "assistant", "content": "x"}]}, "p:2")
     assert e.value.reason == "prompt_mismatch"

@@ -84,7 +84,8 @@ def test_h4_rows_as_jsonl_and_as_messages(tmp_path, tok_dir):
     assert s.input_formats == {str(f): "preference"}
     assert samples == ordered((turns(f"train_sft question {k}"), f"{q} answer {k}") for k in range(3)
                              for q in ("good", "bad"))
-    # the failure: --input-format messages on these rows ("field 'rejected' must be a string, got list")
+    # forcing --input-format messages reads these rows (chosen/rejected are message lists) as the same samples,
+    # instead of failing with "field 'rejected' must be a string, got list"
     s, samples2, _ = prepared(tmp_path, tok_dir, [f], "m", responses="all", group_size=2, input_format="messages")
     assert samples2 == samples
 

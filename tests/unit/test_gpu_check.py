@@ -1,4 +1,4 @@
-"""Item 5 of issue 13: the prepared GPU check runs end to end in its --dry-run mode on CPU (every part, each within
+"""The prepared GPU check runs end to end in its --dry-run mode on CPU (every part, each within
 its own time limit, the JSON rewritten after each part), and a part over its limit is killed and recorded."""
 
 import json

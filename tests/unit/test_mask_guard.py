@@ -1,4 +1,4 @@
-"""Item 1 of issue 13: no attention mask is dropped. The spec ``--transformer-impl te`` builds (TE faked:
+"""No attention mask is dropped. The spec ``--transformer-impl te`` builds (TE faked:
 tests/fake_te.py) routes segment masks to our core attention, and a causal-only core attention refuses a mask."""
 
 import pytest

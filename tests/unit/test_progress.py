@@ -34,7 +34,7 @@ def _plan(iteration, consumed, gbs, train_iters=None, epochs=None, n=10, warmup=
 
 def test_longer_resumed_run_decays_over_its_new_length():
     """A run of 2 iterations resumed with --train-iters 4 continues exactly as an uninterrupted 4-iteration run
-    (the old bug: the saved 2-iteration schedule overrode it and the run stayed at min-lr)."""
+    (the checkpoint's own 2-iteration schedule must not win: the run would stay at min-lr)."""
     full = _lrs(_plan(0, 0, 2, train_iters=4), 0, 4, 2)
     resumed = _lrs(_plan(2, 4, 2, train_iters=4), 4, 2, 2)
     assert resumed == pytest.approx(full[2:], abs=0)

@@ -92,8 +92,8 @@ def test_score_rewards_scores_every_grouping_and_resumes(root, tmp_path):
         list_shards(data / "valid"))
 
 
-def _old_step_groups(G, seed, consumed, gbs):
-    """The selection before --regroup-epochs: a step crossing an epoch boundary continued into the next order."""
+def _step_groups_across_epochs(G, seed, consumed, gbs):
+    """A selection that lets a step cross an epoch boundary: it continues into the next epoch's order."""
     return [int(global_order(G, seed, k // G)[k % G]) for k in range(consumed, consumed + gbs)]
 
 
@@ -117,13 +117,13 @@ def test_each_epoch_reads_its_grouping_and_no_step_repeats_a_group(n_groupings, 
         assert len(seen) > G - 6  # and the skipped tail is shorter than a batch
 
 
-def test_old_selection_repeated_a_group_in_a_step():
-    """Negative control: the selection this replaces puts a group twice into a step across an epoch boundary
-    (G = 7, --global-batch-size 3: the reproduced bug); the new one never does at the same positions."""
+def test_a_step_across_an_epoch_boundary_would_repeat_a_group():
+    """Negative control: a selection that lets a step cross an epoch boundary puts a group twice into it
+    (G = 7, --global-batch-size 3); step_groups never does at the same positions."""
     G, gbs = 7, 3
-    old_dups = [c for c in range(0, 40 * G, gbs) if len(set(_old_step_groups(G, 0, c, gbs))) < gbs]
-    assert old_dups
-    for c in old_dups:
+    crossing_dups = [c for c in range(0, 40 * G, gbs) if len(set(_step_groups_across_epochs(G, 0, c, gbs))) < gbs]
+    assert crossing_dups
+    for c in crossing_dups:
         assert len(set(step_groups(G, 0, c, gbs, 0, 1))) == gbs
 
 

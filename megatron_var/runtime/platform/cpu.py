@@ -5,7 +5,7 @@ Why: megatron-core hard-codes CUDA in ~250 places (``device="cuda"`` buffers in 
 the demo run on CPU, so this module rewrites those calls at run time — nothing in site-packages is edited — and can
 undo every change (``disable()``), so it never leaks into a process that has a GPU.
 
-Every patch below was shown necessary (see shared/design/cpu-mode.md):
+Each patch below is needed by some megatron-core code path on CPU:
 1. a TorchFunctionMode that maps CUDA device arguments (str, torch.device, bare int) to CPU, incl. ``Tensor.to``;
 2. ``Tensor.cuda()`` / ``Tensor.pin_memory()`` as no-ops (tied embeddings under PP call ``weight.data.cuda()``);
 3. ``Tensor.type()`` reporting ``torch.cuda.*Tensor`` (the distributed optimizer checks the type string);

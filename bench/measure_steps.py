@@ -1,4 +1,4 @@
-"""The measurements of ``bench.bench``: one function per question, each returning a JSON-able dict.
+"""The measurements of ``bench.step_benchmark``: one function per question, each returning a JSON-able dict.
 
 Why separate from the orchestration: each measurement builds its own models and must leave the device clean for the
 next one (the 1B preset holds a policy with optimizer state, two reference copies and [20k, 128k] logits at once).
@@ -16,16 +16,14 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_var.batching.pairs import build_naive
+from megatron_var.batching.steps import policy_microbatch, rewards_tensor
 from megatron_var.data.groups import Group
 from megatron_var.models.arch import ModelArch, hf_config_from_arch
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
+from megatron_var.objectives.reducers import sft_reduce, var_reduce
 from megatron_var.objectives.var import var_weights
-from megatron_var.reference.online import FrozenReference, cross_to_batch
-from megatron_var.batching import steps as B
+from megatron_var.reference.online import FrozenReference
 from megatron_var.runtime.engine import OptimConfig, build_optimizer, install_schedule_hooks, run_schedule, wrap_ddp
-from megatron_var.objectives.reducers import var_reduce
-from megatron_var.objectives.reducers import sft_reduce
 from megatron_var.runtime.forward_step import make_forward_step
 
 logger = logging.getLogger(__name__)
@@ -164,9 +162,14 @@ def build_references(arch: ModelArch, pc, options: ModelOptions, flex: bool) -> 
 
 
 def score_naive_per_prompt(ref: FrozenReference, group: Group) -> torch.Tensor:
-    """Naive scoring split into B micro-batches of B rows [x_i; y_j] (one per prompt) -> [B, B]."""
-    batches = [cross_to_batch(build_naive([x], group.response_ids, PAD_ID)) for x in group.prompt_ids]
-    return torch.cat(ref._score(batches, "sum"))
+    """Naive scoring split into B micro-batches of B rows [x_i; y_j] (one per prompt) -> [B, B].
+
+    Each prompt is scored as a group of its own against all B responses: one [1, B] matrix per micro-batch, which
+    stacked give the group's [B, B] (``ref`` must use the naive method)."""
+    if ref.method != "naive":
+        raise ValueError(f"score_naive_per_prompt needs a naive reference, got method {ref.method!r}")
+    rows = ref.score_cross_pairs([[x] for x in group.prompt_ids], [group.response_ids] * len(group.prompt_ids))
+    return torch.cat(rows)
 
 
 def scoring_methods(refs: dict[str, FrozenReference], group: Group, order: list[str],
@@ -207,7 +210,7 @@ def var_vs_sft(arch: ModelArch, pc, options: ModelOptions, refs: dict[str, Froze
     optim = OptimConfig(lr=1e-7)
     model = wrap_ddp(build_model_chunks(arch, pc, options), optim)
     optimizer = build_optimizer(model, optim)
-    rewards = B.rewards_tensor([group])  # [1, B, B]
+    rewards = rewards_tensor([group])  # [1, B, B]
     parts: dict[str, list[float]] = {}
 
     def policy_step(batch: dict, reduce_fn, key: str, select_positions: bool = True) -> None:
@@ -223,12 +226,12 @@ def var_vs_sft(arch: ModelArch, pc, options: ModelOptions, refs: dict[str, Froze
         parts.setdefault(key + "/optimizer", []).append(time.perf_counter() - t1)
 
     def sft_step(select_positions: bool = True, key: str = "sft"):
-        policy_step(B.policy_microbatch([group], PAD_ID), sft_reduce, key, select_positions)
+        policy_step(policy_microbatch([group], PAD_ID), sft_reduce, key, select_positions)
 
     def var_step(score: Callable[[], torch.Tensor], key: str):
         t0 = time.perf_counter()
         ref_bb = score()  # [B, B]
-        batch = B.policy_microbatch([group], PAD_ID)
+        batch = policy_microbatch([group], PAD_ID)
         batch["weights"] = var_weights(ref_bb[None], rewards, VAR_LAMBDA).reshape(-1)
         sync()
         parts.setdefault(key + "/reference", []).append(time.perf_counter() - t0)
@@ -241,7 +244,7 @@ def var_vs_sft(arch: ModelArch, pc, options: ModelOptions, refs: dict[str, Froze
     for name, score in scorers.items():  # the targets' method (flex on GPU) first, naive last
         out["var_" + name] = guarded(lambda: {"step_s": median_time(lambda: var_step(score, name), warmup, iters)},
                                      f"var_vs_sft/var_{name}")
-        if name == "cached":  # SFT with logits at every position (before models.selected_logits): the saving
+        if name == "cached":  # SFT with logits at every position (no selection): what models.selected_logits saves
             out["sft_full_logits"] = guarded(
                 lambda: {"step_s": median_time(lambda: sft_step(False, "sft_full_logits"), warmup, iters)},
                 "var_vs_sft/sft_full_logits")

@@ -1,7 +1,8 @@
-"""One-process performance benchmark (issue 9): policy step vs transformers, cross-pair scoring, VAR vs SFT step.
+"""One-process performance benchmark: policy step vs transformers, cross-pair scoring, VAR vs SFT step.
 
     python tools/bench.py --preset tiny            # CPU, seconds
     python tools/bench.py --preset llama3.2-1b     # one GPU (bf16), a few minutes
+    python tools/bench.py --preset micro           # seconds: the GPU check's dry run (bench/gpu_check.sh)
 
 Everything is measured in one run of one process (a world of 1 through ``megatron_var.runtime.parallel``), so the ratios
 compare like with like on the same device:
@@ -12,73 +13,34 @@ compare like with like on the same device:
                      ``--cross-pair-method naive``; and split per prompt), shared prefix with the dense mask, and
                      shared prefix with the FlexAttention BlockMask (GPU).
   var_vs_sft         a training step on B·(P+R) tokens: SFT, and VAR = reference pass + weights + the same step.
-Results: printed as JSON and written to ``bench/results/<preset>_<device>.json``. Targets are reported, never
-asserted (timings are not test material).
+Results: printed as JSON and written to ``bench/results/<preset>_<device>.json``. Targets (``bench/presets.py``)
+are reported, never asserted (timings are not test material). Sizes: ``bench/presets.py``; the measurements
+themselves: ``bench/py``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from bench import bench_steps as S
+from bench.measure_steps import (build_references, free_device, guarded, hf_policy_step, measure_peak_flops,
+                                 megatron_policy_step, random_group, reference_scoring, var_vs_sft)
+from bench.presets import PRESETS, TARGETS, Preset
 from megatron_var.models.arch import ModelArch
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Preset:
-    """Model shape and workload of one benchmark size."""
-
-    arch: ModelArch
-    micro_batch: int
-    """(a) rows per policy micro-batch."""
-    seq_length: int
-    """(a) tokens per row."""
-    group_size: int
-    """(b)/(c) B."""
-    prompt_len: int
-    """(b)/(c) P."""
-    response_len: int
-    """(b)/(c) R."""
-    matmul_n: int
-    """n of the n³ matmul that measures the device's peak FLOP/s."""
-    warmup: int = 2
-    iters: int = 6
-
-
-PRESETS = {
-    "tiny": Preset(  # the 1B preset's proportions (B=8, P = 2R, GQA 4:1, tied) at a size a CPU core runs in seconds
-        arch=ModelArch(family="llama", num_layers=2, hidden_size=128, ffn_hidden_size=512, num_attention_heads=8,
-                       num_query_groups=2, kv_channels=16, vocab_size=1024, max_position_embeddings=1024,
-                       rope_theta=10000.0, tie_word_embeddings=True),
-        micro_batch=2, seq_length=256, group_size=8, prompt_len=64, response_len=32, matmul_n=512, warmup=2,
-        iters=7),
-    "micro": Preset(  # bench/gpu_check.sh --dry-run: the code path end to end in seconds, numbers meaningless
-        arch=ModelArch(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                       num_query_groups=2, kv_channels=16, vocab_size=256, max_position_embeddings=256,
-                       rope_theta=10000.0, tie_word_embeddings=True),
-        micro_batch=2, seq_length=64, group_size=4, prompt_len=16, response_len=8, matmul_n=128, warmup=0,
-        iters=1),
-    "llama3.2-1b": Preset(
-        arch=ModelArch(family="llama", num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
-                       num_query_groups=8, kv_channels=64, vocab_size=128256, max_position_embeddings=131072,
-                       rope_theta=500000.0, rope_scaling_factor=32.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
-        micro_batch=4, seq_length=2048, group_size=8, prompt_len=512, response_len=256, matmul_n=8192, warmup=1,
-        iters=4),  # 1 warm-up: compiles FlexAttention; a lent GPU's minutes are few
-}
-
-TARGETS = {"policy_vs_transformers": 1.1, "policy_mfu": 0.52, "var_over_sft": 2.3, "shared_prefix_speedup": 2.0}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+"""Where ``<preset>_<device>.json`` goes by default: bench/results of this checkout, whatever the working directory."""
 
 
 def device_name() -> str:
@@ -107,11 +69,11 @@ def flops_per_token(arch: ModelArch, n_params: int, seq: int) -> float:
     return 6 * n_params + 6 * arch.num_layers * arch.hidden_size * seq
 
 
-def _policy(preset: Preset, pc, options, peak: float) -> dict:
+def _measure_policy_step(preset: Preset, pc, options, peak: float) -> dict:
     arch, mb, s = preset.arch, preset.micro_batch, preset.seq_length
-    ours = S.guarded(lambda: S.megatron_policy_step(arch, pc, options, mb, s, preset.warmup, preset.iters),
-                     "policy_step/megatron")
-    hf = S.guarded(lambda: S.hf_policy_step(arch, mb, s, preset.warmup, preset.iters), "policy_step/transformers")
+    ours = guarded(lambda: megatron_policy_step(arch, pc, options, mb, s, preset.warmup, preset.iters),
+                   "policy_step/megatron")
+    hf = guarded(lambda: hf_policy_step(arch, mb, s, preset.warmup, preset.iters), "policy_step/transformers")
     n = hf.get("params") or ours.get("params")
     out = {"micro_batch": mb, "seq_length": s, "flops_per_token": flops_per_token(arch, n, s) if n else None,
            "megatron": ours, "transformers": hf}
@@ -123,16 +85,16 @@ def _policy(preset: Preset, pc, options, peak: float) -> dict:
     return out
 
 
-def _scoring_and_steps(preset: Preset, pc, options, flex: bool, on_scoring=lambda scoring: None
+def _measure_scoring_and_steps(preset: Preset, pc, options, flex: bool, on_scoring=lambda scoring: None
                        ) -> tuple[dict, dict]:
     arch = preset.arch
-    group = S.random_group(preset.group_size, preset.prompt_len, preset.response_len, arch.vocab_size)
+    group = random_group(preset.group_size, preset.prompt_len, preset.response_len, arch.vocab_size)
     shape = {"B": preset.group_size, "P": preset.prompt_len, "R": preset.response_len}
     try:
-        refs = S.build_references(arch, pc, options, flex)
+        refs = build_references(arch, pc, options, flex)
     except torch.OutOfMemoryError:
         return dict(shape, error="OOM building references"), dict(shape, error="OOM building references")
-    scoring = dict(shape, **S.reference_scoring(refs, group, preset.warmup, preset.iters))
+    scoring = dict(shape, **reference_scoring(refs, group, preset.warmup, preset.iters))
     base = scoring["shared_prefix_dense"].get("s")
     for naive in ("naive", "naive_per_prompt"):
         t = scoring[naive].get("s")
@@ -142,10 +104,10 @@ def _scoring_and_steps(preset: Preset, pc, options, flex: bool, on_scoring=lambd
     if base is None:
         logger.warning("shared-prefix scoring failed: %s", scoring["shared_prefix_dense"])
     on_scoring(scoring)
-    steps = dict(shape, **S.guarded(lambda: S.var_vs_sft(arch, pc, options, refs, group, preset.warmup,
-                                                          preset.iters), "var_vs_sft"))
+    steps = dict(shape, **guarded(lambda: var_vs_sft(arch, pc, options, refs, group, preset.warmup, preset.iters),
+                                  "var_vs_sft"))
     del refs
-    S.free_device()
+    free_device()
     return scoring, steps
 
 
@@ -153,7 +115,7 @@ def _targets(result: dict) -> dict:
     """Each target with its measured value (None when not measured); a GPU run is the one that counts."""
     pol, sc, st = result["policy_step"], result["reference_scoring"], result["var_vs_sft"]
     best_sp = "shared_prefix_flex" if "s" in sc.get("shared_prefix_flex", {}) else "shared_prefix_dense"
-    naive_key = "speedup_vs_naive" if f"speedup_vs_naive" in sc.get(best_sp, {}) else "speedup_vs_naive_per_prompt"
+    naive_key = "speedup_vs_naive" if "speedup_vs_naive" in sc.get(best_sp, {}) else "speedup_vs_naive_per_prompt"
     values = {
         "policy_vs_transformers": pol.get("megatron_over_transformers"),
         "policy_mfu": pol["megatron"].get("mfu"),
@@ -170,7 +132,7 @@ def _targets(result: dict) -> dict:
     return out
 
 
-def run(preset_name: str, out_dir: Optional[Path] = Path("bench/results"), *, flex: Optional[bool] = None,
+def run_benchmark(preset_name: str, out_dir: Optional[Path] = RESULTS_DIR, *, flex: Optional[bool] = None,
         transformer_impl: str = "local", iters: Optional[int] = None, warmup: Optional[int] = None,
         cpu_threads: int = 1) -> dict:
     """Run every measurement of ``preset_name`` in this process; returns (and writes) the result dict.
@@ -202,7 +164,7 @@ def run(preset_name: str, out_dir: Optional[Path] = Path("bench/results"), *, fl
                                           (preset.response_len + 1)))
     t0 = time.time()
     name = device_name()
-    peak = S.measure_peak_flops(preset.matmul_n)
+    peak = measure_peak_flops(preset.matmul_n)
     import megatron.core
     import transformers
 
@@ -225,12 +187,34 @@ def run(preset_name: str, out_dir: Optional[Path] = Path("bench/results"), *, fl
             result["wall_s"] = round(time.time() - t0, 1)
             path.write_text(json.dumps(result, indent=2) + "\n")
 
-    result["policy_step"] = _policy(preset, pc, options, peak["flops_per_s"])
+    result["policy_step"] = _measure_policy_step(preset, pc, options, peak["flops_per_s"])
     write()
-    result["reference_scoring"], result["var_vs_sft"] = _scoring_and_steps(
+    result["reference_scoring"], result["var_vs_sft"] = _measure_scoring_and_steps(
         preset, pc, options, flex, on_scoring=lambda sc: (result.update(reference_scoring=sc), write()))
     result["targets"] = _targets(result)
     write()
     if path is not None:
         result["written_to"] = str(path)
     return result
+
+
+def main(argv=None) -> int:
+    """``tools/bench.py``'s command line: run one preset, print the result JSON."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out-dir", default=str(RESULTS_DIR),
+                   help="where <preset>_<device>.json goes ('' = do not write)")
+    p.add_argument("--flex", choices=["auto", "on", "off"], default="auto",
+                   help="also time shared-prefix scoring with FlexAttention (auto: when CUDA is present)")
+    p.add_argument("--transformer-impl", choices=["local", "te", "auto"], default="local",
+                   help="our model's layer implementation (local = megatron local spec + SDPA/Flex core attention)")
+    p.add_argument("--iters", type=int, help="timed runs per measurement (median); default from the preset")
+    p.add_argument("--warmup", type=int, help="untimed runs first; default from the preset")
+    p.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU (1: stable timings)")
+    args = p.parse_args(argv)
+    flex = {"auto": None, "on": True, "off": False}[args.flex]
+    result = run_benchmark(args.preset, Path(args.out_dir) if args.out_dir else None, flex=flex,
+                           transformer_impl=args.transformer_impl, iters=args.iters, warmup=args.warmup,
+                           cpu_threads=args.cpu_threads)
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,59 @@
+"""The benchmark's sizes (model shape + workload per ``--preset``) and the targets its ratios are compared with.
+
+Each preset fixes (a) the policy micro-batch of the policy-step measurement, (b)/(c) the group (B prompts of P
+tokens, B responses of R tokens) that reference scoring and the VAR-vs-SFT step use, and the size of the matmul
+that measures the device's peak FLOP/s (the MFU denominator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_var.models.arch import ModelArch
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model shape and workload of one benchmark size."""
+
+    arch: ModelArch
+    micro_batch: int
+    """(a) rows per policy micro-batch."""
+    seq_length: int
+    """(a) tokens per row."""
+    group_size: int
+    """(b)/(c) B."""
+    prompt_len: int
+    """(b)/(c) P."""
+    response_len: int
+    """(b)/(c) R."""
+    matmul_n: int
+    """n of the n³ matmul that measures the device's peak FLOP/s."""
+    warmup: int = 2
+    iters: int = 6
+
+
+PRESETS = {
+    "tiny": Preset(  # the 1B preset's proportions (B=8, P = 2R, GQA 4:1, tied) at a size a CPU core runs in seconds
+        arch=ModelArch(family="llama", num_layers=2, hidden_size=128, ffn_hidden_size=512, num_attention_heads=8,
+                       num_query_groups=2, kv_channels=16, vocab_size=1024, max_position_embeddings=1024,
+                       rope_theta=10000.0, tie_word_embeddings=True),
+        micro_batch=2, seq_length=256, group_size=8, prompt_len=64, response_len=32, matmul_n=512, warmup=2,
+        iters=7),
+    "micro": Preset(  # bench/gpu_check.sh --dry-run: the code path end to end in seconds, numbers meaningless
+        arch=ModelArch(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                       num_query_groups=2, kv_channels=16, vocab_size=256, max_position_embeddings=256,
+                       rope_theta=10000.0, tie_word_embeddings=True),
+        micro_batch=2, seq_length=64, group_size=4, prompt_len=16, response_len=8, matmul_n=128, warmup=0,
+        iters=1),
+    "llama3.2-1b": Preset(
+        arch=ModelArch(family="llama", num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
+                       num_query_groups=8, kv_channels=64, vocab_size=128256, max_position_embeddings=131072,
+                       rope_theta=500000.0, rope_scaling_factor=32.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+        micro_batch=4, seq_length=2048, group_size=8, prompt_len=512, response_len=256, matmul_n=8192, warmup=1,
+        iters=4),  # one warm-up run is enough to compile FlexAttention and keeps the whole run within a few minutes
+}
+
+TARGETS = {"policy_vs_transformers": 1.1, "policy_mfu": 0.52, "var_over_sft": 2.3, "shared_prefix_speedup": 2.0}
+"""What a GPU run should reach: policy step ≥ 1.1× transformers at ≥ 52% MFU, online VAR step ≤ 2.3× the SFT step
+(the FLOP floor is ~2.2×, docs/performance.md), shared-prefix scoring ≥ 2× naive. Reported, never asserted."""
