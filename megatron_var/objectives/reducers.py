@@ -1,8 +1,9 @@
 """Objective adapters for ``make_forward_step``: reduce the policy's token log-probs into (loss_sum, units, report).
 
 Why adapters: the reference quantities (VAR weights, DPO reference log-probs) are computed for the whole step
-before the policy's forward/backward and attached to each micro-batch, so the loss only *reads* them
-(peer lesson: precomputed reference log-probs broke under multi-GPU elsewhere when computed inside the loss).
+before the policy's forward/backward (``objective.Objective.attach``) and attached to each micro-batch, so the loss
+is a pure function of its micro-batch: no reference forward, and none of its TP/PP communication, runs inside the
+policy's schedule.
 Units: VAR and DPO normalise per sample / pair, SFT per token (see engine.py for the global normalisation).
 """
 
@@ -30,7 +31,7 @@ def var_reduce(reduction: str = "sum"):
         loss_sum, count = var_loss_sum(seq_logps, weights)
         report = {"loss_sum": loss_sum.detach().clone(), "units": count.clone(),
                   "policy_logp_sum": seq_logps.detach().sum()}
-        if "ref_diag" in batch:  # log pi_ref(y_i|x_i) of the same pairs: see training/ref_gap.py
+        if "ref_diag" in batch:  # log pi_ref(y_i|x_i) of the same pairs: see objectives/ref_gap.py
             report[ref_gap.KEY] = ref_gap.logp_gap(batch["ref_diag"], seq_logps)
         return loss_sum, count, report
 

@@ -41,7 +41,7 @@ def cache_meta(data_dir: str, split: str, num_groups: int, reduction: str, ref_s
                groupings: int = 1) -> dict:
     """What a cache is valid for. The data directory is identified by its path and the hash of its meta.json.
     ``num_groups`` counts the groups of all ``groupings`` (``prepare_data --regroup-epochs``); ``groupings`` is
-    recorded only when > 1, so caches of one-grouping data made before it existed stay valid."""
+    recorded only when > 1, so a one-grouping cache's meta does not depend on the regrouping feature."""
     data_dir = Path(data_dir).resolve()
     meta_file = data_dir / "meta.json"
     digest = hashlib.sha256(meta_file.read_bytes()).hexdigest()[:16] if meta_file.is_file() else None
