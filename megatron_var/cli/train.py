@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                             use_distributed_optimizer=not args.no_use_distributed_optimizer)
         bf16 = args.bf16 or torch.cuda.is_available()
         options = ModelOptions(params_dtype="bf16" if bf16 else "fp32", transformer_impl=args.transformer_impl,
-                               recompute_activations=args.recompute_activations,
+                               recompute_granularity="full" if args.recompute_activations else None,
                                flex_attention=args.flex_attention)
         parallel.init_distributed()
         parallel.init_model_parallel(pc)
