@@ -43,10 +43,10 @@ class OptimConfig:
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
     """Overlap the DP gradient reduction with backward (pays off on GPUs; also correct on CPU/gloo)."""
+    # with it the last step's weights arrive lazily (next forward's pre-hooks): sync_params before reading them
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather with the next forward (needs
-    --overlap-grad-reduce, as in Megatron-LM). The weights of the last step are then gathered lazily:
-    ``sync_params`` before reading them (checkpoint save)."""
+    --overlap-grad-reduce, as in Megatron-LM)."""
 
     def __post_init__(self):
         if self.lr <= 0:
