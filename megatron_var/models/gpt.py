@@ -120,6 +120,9 @@ def transformer_config(arch: ModelArch, parallel, options: ModelOptions) -> Tran
         calculate_per_token_loss=True,
         # with PP=2 interleaving, gloo gave wrong numbers when prev and next stage are the same rank
         batch_p2p_comm=parallel.virtual_pipeline_model_parallel_size is None,
+        # no CUDA graphs are captured; megatron-core 0.19's default "full" is deprecated (it warns on every config)
+        # and [] is its documented spelling of the same whole-layer scope
+        cuda_graph_modules=[],
     )
     if options.recompute_granularity == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
