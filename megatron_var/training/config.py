@@ -144,7 +144,7 @@ class ObjectiveConfig:
     logp_reduction: str = field(default="sum", metadata=flag("--var-logp-reduction", choices=("sum", "mean")))
     """Sequence log-prob = sum (the paper) or per-token mean of the response's token log-probs."""
     dpo_beta: float = 0.1
-    """DPO's β."""
+    """DPO's β: scales the policy-vs-reference log-ratio margin inside the sigmoid."""
     alol_clip: float = 0.2
     """A-LoL: clip the importance weight π_θ/π_ref to [1 - ε, 1 + ε]."""
     alol_variant: str = field(default="alol", metadata={"choices": ("alol", "rlol")})
