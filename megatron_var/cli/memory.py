@@ -12,12 +12,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megatron_var.cli.common import run_cli
 from megatron_var.memory.estimate import Layout, Precision, Workload, estimate
 from megatron_var.models.arch import ModelArch, arch_from_hf_config
-from megatron_var.training.config import TrainConfig
+
+if TYPE_CHECKING:  # the training config imports megatron-core; the estimator CLI starts without it
+    from megatron_var.training.config import TrainConfig
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "memory" / "presets"
 
