@@ -126,8 +126,8 @@ class DataConfig:
         given = [n for n in ("train_iters", "train_samples", "epochs") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of --train-iters, --train-samples and --epochs")
-        if (self.train_iters or 1) < 1 or (self.train_samples or 1) < 1 or (self.epochs or 1) <= 0:
-            raise ValueError(f"--{given[0].replace('_', '-')} must be > 0")
+        if getattr(self, given[0]) <= 0:  # (not `x or 1`: that let --train-iters 0 through)
+            raise ValueError(f"--{given[0].replace('_', '-')} must be > 0, got {getattr(self, given[0])}")
         if self.train_samples is not None and self.train_samples < self.global_batch_size:
             raise ValueError(f"--train-samples {self.train_samples} is less than one --global-batch-size "
                              f"({self.global_batch_size} groups)")

@@ -103,6 +103,8 @@ def test_recompute_activations_is_selective():
      "error: give one of --lr-warmup-iters and --lr-warmup-fraction"),
     (["--train-samples", "1", "--global-batch-size", "2"],
      "error: --train-samples 1 is less than one --global-batch-size (2 groups)"),
+    (["--train-iters", "0"], "error: --train-iters must be > 0, got 0"),
+    (["--epochs", "0"], "error: --epochs must be > 0, got 0.0"),
 ])
 def test_bad_combination_is_one_error_line_before_any_process_group(argv, message, monkeypatch, capsys):
     from megatron_var.runtime import parallel
