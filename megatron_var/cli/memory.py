@@ -1,7 +1,8 @@
 """``megatron-var-memory``: will this layout fit? Prints the per-GPU memory estimate and a verdict.
 
 Flags follow Megatron-LM / ``megatron_var.cli.train`` names, so a launcher's flags can be pasted as they are
-(``--recompute-activations``, ``--ref-offload``, ``--ref-cache``, ``--no-use-distributed-optimizer`` are accepted).
+(``--recompute-granularity``, ``--recompute-activations``, ``--ref-offload``, ``--ref-cache``,
+``--no-use-distributed-optimizer`` are accepted).
 Exit code: 0 fits, 1 does not fit, 2 bad flags (one ``error:`` line).
 """
 
@@ -11,11 +12,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megatron_var.cli.common import run_cli
 from megatron_var.memory.estimate import Layout, Precision, Workload, estimate
 from megatron_var.models.arch import ModelArch, arch_from_hf_config
+
+if TYPE_CHECKING:  # the training config imports megatron-core; the estimator CLI starts without it
+    from megatron_var.training.config import TrainConfig
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "memory" / "presets"
 
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="same as --params-dtype bf16 (the GPU default)")
     g.add_argument("--recompute-granularity", choices=["none", "selective", "full"], default="none")
     g.add_argument("--recompute-activations", action="store_true",
-                   help="the trainer's flag: full recomputation of every layer (= --recompute-granularity full)")
+                   help="Megatron-LM's shorthand for --recompute-granularity selective (as the trainer's)")
     g.add_argument("--no-use-distributed-optimizer", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="(the default)")
     g.add_argument("--ref", choices=["resident", "offloaded", "cached"], default="resident",
@@ -140,11 +144,14 @@ def from_args(args: argparse.Namespace) -> tuple[ModelArch, Layout, Workload, Pr
         raise ValueError("--use-distributed-optimizer and --no-use-distributed-optimizer exclude each other")
     if args.gpu_memory_gb <= 0 or not 0 <= args.margin < 1:
         raise ValueError("--gpu-memory-gb must be > 0 and --margin in [0, 1)")
+    if args.recompute_activations and args.recompute_granularity == "full":
+        raise ValueError("--recompute-activations means --recompute-granularity selective; "
+                         "it conflicts with --recompute-granularity full")
     cpu = args.device == "cpu"
     prec = Precision(
         params_dtype="bf16" if args.bf16 else args.params_dtype,
         use_distributed_optimizer=not args.no_use_distributed_optimizer,
-        recompute_granularity="full" if args.recompute_activations else args.recompute_granularity,
+        recompute_granularity="selective" if args.recompute_activations else args.recompute_granularity,
         ref=ref, transformer_impl=args.transformer_impl, fused_kernels=not cpu, attention=args.attention,
         # TE gets the dense mask (models/gpt.py); FlexAttention runs only with the local spec on CUDA
         flex_attention=args.flex_attention and args.transformer_impl == "local" and not cpu,
@@ -173,32 +180,34 @@ def _estimate_and_print(argv) -> int:
     return 0 if est.fits(args.gpu_memory_gb, args.margin) else 1
 
 
-
-
-def from_train_args(train_args: argparse.Namespace, arch: ModelArch, num_gpus: int, seq_length: int,
+def from_train_args(cfg: TrainConfig, arch: ModelArch, num_gpus: int, seq_length: int,
                     response_length: Optional[int] = None, group_size: Optional[int] = None
                     ) -> tuple[Layout, Workload, Precision]:
-    """The estimator's inputs for a ``megatron_var.cli.train`` command line (parsed by ``train.build_parser``) on
-    ``num_gpus`` GPUs with the Transformer Engine image, at data prepared with ``--seq-length seq_length``
-    (responses of ``response_length``, default half of it)."""
-    a = train_args
-    tp, pp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size
+    """The estimator's inputs for a training run's configuration (``megatron_var.cli.train``'s command line:
+    ``train.config_from_args(train.build_parser().parse_args(argv))``) on ``num_gpus`` GPUs with the Transformer
+    Engine image, at data prepared with ``--seq-length seq_length`` (responses of ``response_length``, default half
+    of it)."""
+    pc, data = cfg.parallel, cfg.data
+    tp, pp = pc.tensor_model_parallel_size, pc.pipeline_model_parallel_size
     if num_gpus % (tp * pp):
         raise ValueError(f"{num_gpus} GPUs are not a multiple of TP x PP = {tp * pp}")
-    layout = Layout(tp, pp, a.virtual_pipeline_model_parallel_size, a.sequence_parallel, num_gpus // (tp * pp))
+    layout = Layout(tp, pp, pc.virtual_pipeline_model_parallel_size, pc.sequence_parallel, num_gpus // (tp * pp))
     response = response_length if response_length is not None else seq_length // 2
-    per = a.micro_batch_size * layout.data_parallel_size
-    if a.global_batch_size % per:
-        raise ValueError(f"--global-batch-size {a.global_batch_size} is not a multiple of micro-batch x DP = {per}")
-    group = group_size if group_size is not None else (2 if a.objective == "dpo" else 8)
-    work = Workload(a.objective, group, a.micro_batch_size, seq_length - response, response,
-                    a.global_batch_size // per, a.cross_pair_method)
-    impl = "local" if a.transformer_impl == "local" else "te"
-    prec = Precision(params_dtype="bf16", use_distributed_optimizer=not a.no_use_distributed_optimizer,
-                     recompute_granularity="full" if a.recompute_activations else "none",
-                     ref="offloaded" if a.ref_offload else "cached" if a.ref_cache else "resident",
+    per = data.micro_batch_size * layout.data_parallel_size
+    if data.global_batch_size % per:
+        raise ValueError(f"--global-batch-size {data.global_batch_size} is not a multiple of micro-batch x DP = {per}")
+    objective = cfg.objective.name
+    group = group_size if group_size is not None else (2 if objective == "dpo" else 8)
+    work = Workload(objective, group, data.micro_batch_size, seq_length - response, response,
+                    data.global_batch_size // per, cfg.reference.cross_pair_method)
+    impl = "local" if cfg.model.transformer_impl == "local" else "te"
+    ref = cfg.reference
+    prec = Precision(params_dtype="fp16" if cfg.model.fp16 else "bf16",
+                     use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+                     recompute_granularity=cfg.model.recompute_granularity or "none",
+                     ref="offloaded" if ref.ref_offload else "cached" if ref.ref_cache else "resident",
                      transformer_impl=impl, fused_kernels=True, attention="fused",
-                     flex_attention=impl == "local" and a.flex_attention)
+                     flex_attention=impl == "local" and cfg.model.flex_attention)
     return layout, work, prec
 
 

@@ -8,6 +8,7 @@ frequencies must follow the given positions; ``PositionalGPTModel`` does exactly
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,6 +25,7 @@ from megatron_var.models import mask_guard
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RECOMPUTE_GRANULARITIES = (None, "selective", "full")
 
 
 @dataclass
@@ -37,8 +39,11 @@ class ModelOptions:
     flex_attention: bool = False
     """FlexAttention (BlockMask) for segment-masked batches (shared-prefix cross pairs) on GPU, with either layer
     implementation; without CUDA those batches use a dense mask. Causal batches always use SDPA."""
-    recompute_activations: bool = False
-    """Selective -> full-layer recomputation of every layer (saves activation memory, costs a forward)."""
+    recompute_granularity: Optional[str] = None
+    """Activation recomputation, as Megatron-LM: None (keep all activations); 'selective' (megatron-core's
+    ``recompute_modules=["core_attn"]``: the core attention of every layer is recomputed in backward, so only its
+    inputs are kept; pays off when the attention stores s x s scores); 'full' (every layer keeps only its input
+    and is recomputed as a whole: uniform, one layer per checkpoint; costs about one more forward)."""
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     seq_length: int = 4096
@@ -47,6 +52,8 @@ class ModelOptions:
     def __post_init__(self):
         if self.params_dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.params_dtype!r}")
+        if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
+            raise ValueError(f"--recompute-granularity must be selective or full, got {self.recompute_granularity!r}")
 
 
 class PositionalGPTModel(GPTModel):
@@ -113,10 +120,22 @@ def transformer_config(arch: ModelArch, parallel, options: ModelOptions) -> Tran
         calculate_per_token_loss=True,
         # with PP=2 interleaving, gloo gave wrong numbers when prev and next stage are the same rank
         batch_p2p_comm=parallel.virtual_pipeline_model_parallel_size is None,
+        # no CUDA graphs are captured; megatron-core 0.19's default "full" is deprecated (it warns on every config)
+        # and [] is its documented spelling of the same whole-layer scope
+        cuda_graph_modules=[],
     )
-    if options.recompute_activations:
+    if options.recompute_granularity == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    return TransformerConfig(**kwargs)
+    elif options.recompute_granularity == "selective":
+        # megatron-core's default recompute_modules, spelled out: checkpoint the core attention only
+        # (recompute_method / recompute_num_layers must stay None for selective)
+        kwargs.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    with warnings.catch_warnings():
+        # selective + core_attn warns that TE's fused core attention needs no recompute; the core attention is
+        # ours (SDPA / FlexAttention, models/specs.py) with either layer implementation, so the hint does not apply
+        warnings.filterwarnings("ignore", message="If you are using transformer_engine as the transformer "
+                                "implementation", category=UserWarning)
+        return TransformerConfig(**kwargs)
 
 
 def build_model_chunks(arch: ModelArch, parallel, options: ModelOptions) -> list[PositionalGPTModel]:

@@ -26,16 +26,27 @@ class OptimConfig:
     """AdamW and gradient settings (Megatron-LM flag names)."""
 
     lr: float = 1e-5
+    """Peak learning rate (after warmup)."""
     min_lr: float = 0.0
+    """Learning rate at the end of the decay (and held after --lr-decay-iters)."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     adam_beta1: float = 0.9
+    """Adam's first-moment decay."""
     adam_beta2: float = 0.95
+    """Adam's second-moment decay."""
     adam_eps: float = 1e-8
+    """Adam's epsilon (added to the denominator's square root)."""
     clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
-    """Overlap the DP gradient reduction with backward (GPU runs)."""
+    """Overlap the DP gradient reduction with backward (pays off on GPUs; also correct on CPU/gloo)."""
+    # with it the last step's weights arrive lazily (next forward's pre-hooks): sync_params before reading them
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward (needs
+    --overlap-grad-reduce, as in Megatron-LM)."""
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -44,6 +55,17 @@ class OptimConfig:
             raise ValueError(f"--min-lr must be in [0, --lr], got {self.min_lr}")
         if self.clip_grad < 0:
             raise ValueError(f"--clip-grad must be >= 0, got {self.clip_grad}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"--adam-eps must be > 0, got {self.adam_eps}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.overlap_param_gather:
+            if not self.use_distributed_optimizer:
+                raise ValueError("--overlap-param-gather needs the distributed optimizer "
+                                 "(drop --no-use-distributed-optimizer)")
+            if not self.overlap_grad_reduce:
+                raise ValueError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], optim: OptimConfig) -> list[DistributedDataParallel]:
@@ -51,6 +73,7 @@ def wrap_ddp(chunks: list[torch.nn.Module], optim: OptimConfig) -> list[Distribu
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=optim.overlap_grad_reduce,
+        overlap_param_gather=optim.overlap_param_gather,
         use_distributed_optimizer=optim.use_distributed_optimizer,
     )
     return [
@@ -80,6 +103,20 @@ def build_optimizer(ddp_chunks: list[DistributedDataParallel], optim: OptimConfi
     optimizer = get_megatron_optimizer(oc, ddp_chunks, use_gloo_process_groups=torch.cuda.is_available())
     install_schedule_hooks(ddp_chunks, optimizer)
     return optimizer
+
+
+def sync_params(model: list[torch.nn.Module]) -> None:
+    """Make every rank's model weights those of the last optimizer step; all data-parallel ranks must call it.
+
+    With ``overlap_param_gather`` the distributed optimizer updates only this rank's shard and the other shards
+    arrive lazily, in the forward pre-hooks of the next forward pass; a checkpoint saved (or weights read) right
+    after a step would hold the previous step's values for them. A no-op without overlap. Megatron-LM does the
+    same before saving (``disable_forward_pre_hook(model)``: a forced synchronous all-gather).
+    """
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, DistributedDataParallel) and m.ddp_config.overlap_param_gather:
+                m.start_param_sync(force_sync=True)
 
 
 def install_schedule_hooks(model: list[torch.nn.Module], optimizer=None) -> None:

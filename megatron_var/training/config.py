@@ -6,8 +6,10 @@ docstring -> ``--help``), metrics sinks record ``dataclasses.asdict`` of it, and
 argv. Each class checks its own fields in ``__post_init__``; ``TrainConfig`` checks combinations across them, so
 an unknown or conflicting combination is a one-line ``ValueError`` before any process group or model exists.
 
-Field metadata the CLI generator reads: ``flag`` (the option name when it is not ``--`` + the field name),
-``choices``, ``negatable`` (a ``--no-`` form, as Megatron-LM's ``--no-...`` flags) and ``required``.
+Field metadata the CLI generator (``megatron_var/cli/config_args.py``) reads: ``flag`` (the option name when it is
+not ``--`` + the field name), ``choices``, ``negatable`` (a ``--no-`` form, as Megatron-LM's ``--no-...`` flags; bools
+that default to True always get one), ``required`` and ``run_length`` (options that replace each other: the last
+one given wins).
 Model-parallel layout and AdamW settings are the runtime layer's own dataclasses (``runtime.parallel.ParallelConfig``,
 ``runtime.engine.OptimConfig``), nested here, so their defaults are written once too.
 """
@@ -46,7 +48,8 @@ class ModelConfig:
     flex_attention: bool = field(default=True, metadata={"negatable": True})
     """Score shared-prefix cross pairs with FlexAttention block masks (CUDA only; else dense masked SDPA)."""
     recompute_granularity: Optional[str] = field(default=None, metadata={"choices": ("selective", "full")})
-    """Activation recomputation: selective (core attention) or full (whole layers), as Megatron-LM."""
+    """Activation recomputation, as Megatron-LM: selective (the core attention of every layer) or full (every
+    layer keeps only its input and is recomputed whole in backward: the big memory saving, about one more forward)."""
     recompute_activations: bool = False
     """Megatron-LM's shorthand for --recompute-granularity selective."""
 
@@ -73,9 +76,11 @@ class OptimizerConfig(OptimConfig):
     lr_warmup_iters: int = 0
     """Linear warmup over this many iterations."""
     lr_warmup_fraction: Optional[float] = None
-    """Linear warmup over this fraction of the run (instead of --lr-warmup-iters)."""
+    """Linear warmup over this fraction of the decay length (the run, or --lr-decay-iters), fixed when the run
+    starts (instead of --lr-warmup-iters)."""
     lr_decay_iters: Optional[int] = None
-    """Decay to --min-lr over this many iterations (default: the whole run), then hold."""
+    """Reach --min-lr after this many iterations x --global-batch-size groups (default: the whole run), then hold
+    it."""
     lr_decay_style: str = field(default="cosine", metadata={"choices": ("cosine", "linear", "constant")})
     """Shape of the decay after warmup."""
 
@@ -90,8 +95,6 @@ class OptimizerConfig(OptimConfig):
                 raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {self.lr_warmup_fraction}")
         if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
             raise ValueError(f"--lr-decay-iters must be >= 1, got {self.lr_decay_iters}")
-        if self.overlap_param_gather and not self.use_distributed_optimizer:
-            raise ValueError("--overlap-param-gather needs the distributed optimizer (drop --no-use-distributed-optimizer)")
 
 
 @dataclass
@@ -107,7 +110,8 @@ class DataConfig:
     train_iters: Optional[int] = field(default=None, metadata={"run_length": True})
     """Run length in iterations (a later --train-iters, --train-samples or --epochs replaces an earlier one)."""
     train_samples: Optional[int] = field(default=None, metadata={"run_length": True})
-    """Run length in groups, the unit of --global-batch-size (Megatron-LM's samples)."""
+    """Run length in groups, the unit of --global-batch-size (Megatron-LM's samples): no step ends past it (an
+    epoch's tail skipped for being shorter than a global batch counts as consumed)."""
     epochs: Optional[float] = field(default=None, metadata={"run_length": True})
     """Run length in passes over the train split."""
     seed: int = 1234
@@ -122,8 +126,11 @@ class DataConfig:
         given = [n for n in ("train_iters", "train_samples", "epochs") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of --train-iters, --train-samples and --epochs")
-        if (self.train_iters or 1) < 1 or (self.train_samples or 1) < 1 or (self.epochs or 1) <= 0:
-            raise ValueError(f"--{given[0].replace('_', '-')} must be > 0")
+        if getattr(self, given[0]) <= 0:  # (not `x or 1`: that let --train-iters 0 through)
+            raise ValueError(f"--{given[0].replace('_', '-')} must be > 0, got {getattr(self, given[0])}")
+        if self.train_samples is not None and self.train_samples < self.global_batch_size:
+            raise ValueError(f"--train-samples {self.train_samples} is less than one --global-batch-size "
+                             f"({self.global_batch_size} groups)")
 
 
 @dataclass
@@ -137,7 +144,7 @@ class ObjectiveConfig:
     logp_reduction: str = field(default="sum", metadata=flag("--var-logp-reduction", choices=("sum", "mean")))
     """Sequence log-prob = sum (the paper) or per-token mean of the response's token log-probs."""
     dpo_beta: float = 0.1
-    """DPO's β."""
+    """DPO's β: scales the policy-vs-reference log-ratio margin inside the sigmoid."""
     alol_clip: float = 0.2
     """A-LoL: clip the importance weight π_θ/π_ref to [1 - ε, 1 + ε]."""
     alol_variant: str = field(default="alol", metadata={"choices": ("alol", "rlol")})

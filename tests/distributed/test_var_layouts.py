@@ -1,16 +1,19 @@
 """The VAR step is layout-invariant: the frozen reference's [B, B] cross-pair matrices, the weights, the loss and
 the policy gradients are the same at TP=1/PP=1 as at TP=2, PP=2, TP=2×PP=2, DP=4, and in the layouts the examples
-use: TP=2 with sequence parallelism, interleaved PP=2×VPP=2, and full activation recomputation (each with
-shared-prefix scoring); shared-prefix scoring equals
+use: TP=2 with sequence parallelism, interleaved PP=2×VPP=2, and full and selective activation recomputation (each
+with shared-prefix scoring); shared-prefix scoring equals
 naive scoring; the matrix diagonal equals the reference's own log π(y_i|x_i); and the gradient of a global batch
 does not depend on how it is split into micro-batches.
 """
+
+from typing import Optional
 
 import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer import transformer_block
+from megatron.core.transformer.attention import Attention
 
 from megatron_var.data.groups import Group
 from megatron_var.models.full_state import gather_full, load_full
@@ -42,9 +45,9 @@ def _groups(vocab: int, seed: int = 3) -> list[Group]:
 
 
 def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", replicate: bool = False,
-              recompute: bool = False, objective: str = "var"):
+              recompute: Optional[str] = None, objective: str = "var"):
     arch = LLAMA
-    options = ModelOptions(recompute_activations=recompute)
+    options = ModelOptions(recompute_granularity=recompute)
     chunks = build_model_chunks(arch, pc, options)
     load_full(chunks, init)
     assert len(chunks) == (pc.virtual_pipeline_model_parallel_size or 1)
@@ -72,9 +75,13 @@ def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", re
             per = [len(m) * GROUP for m in micro]
             for b, rl, a in zip(batches, ref_logps.split(per), adv.split(per)):
                 b["ref_logps"], b["advantages"] = rl, a
-    recomputed = []  # the policy's layers really run under megatron's activation checkpointing
+    # the policy's layers (full) / core attentions (selective) really run under megatron's activation checkpointing
+    recomputed = {"full": [], "selective": []}
     checkpointed = transformer_block.checkpointed_forward
-    transformer_block.checkpointed_forward = lambda *a, **k: recomputed.append(1) or checkpointed(*a, **k)
+    transformer_block.checkpointed_forward = lambda *a, **k: recomputed["full"].append(1) or checkpointed(*a, **k)
+    attention = Attention._checkpointed_attention_forward
+    Attention._checkpointed_attention_forward = \
+        lambda *a, **k: recomputed["selective"].append(1) or attention(*a, **k)
     try:
         reduce_fn = var_reduce() if objective == "var" else alol_reduce(0.2, positive_only=True)
         reports = run_schedule(make_forward_step(reduce_fn, arch.vocab_size), batches, model, forward_only=False,
@@ -82,7 +89,8 @@ def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", re
                                micro_batch_size=batches[0]["tokens"].size(0))
     finally:
         transformer_block.checkpointed_forward = checkpointed
-    assert bool(recomputed) == recompute
+        Attention._checkpointed_attention_forward = attention
+    assert {k for k, v in recomputed.items() if v} == ({recompute} if recompute else set())
     s = sum_reports(reports)
     loss_sum, units = global_sum([s.get("loss_sum", 0.0), s.get("units", 0.0)])
     # the matrices of all groups, in global group order, on every rank
@@ -110,15 +118,16 @@ def reference():
 
 VAR_LAYOUTS = {"tp2": dict(tp=2), "pp2": dict(pp=2), "tp2pp2": dict(tp=2, pp=2), "dp4": dict(),
                "tp2sp": dict(tp=2, sp=True), "pp2vpp2": dict(pp=2, vpp=2),
-               "tp2sp_recompute": dict(tp=2, sp=True, recompute=True),
-               "pp2vpp2_recompute": dict(pp=2, vpp=2, recompute=True)}
+               "tp2sp_recompute": dict(tp=2, sp=True, recompute="full"),
+               "pp2vpp2_recompute": dict(pp=2, vpp=2, recompute="full"),
+               "tp2sp_selective_recompute": dict(tp=2, sp=True, recompute="selective")}
 
 
 @pytest.mark.parametrize("name", list(VAR_LAYOUTS))
 def test_var_step_is_layout_invariant(reference, name):
     init, (ref_loss, ref_mats, _, ref_w, ref_grads) = reference
     kw = dict(VAR_LAYOUTS[name])
-    recompute = kw.pop("recompute", False)
+    recompute = kw.pop("recompute", None)
     with layout(**kw) as pc:
         loss, mats, _, w, grads = _var_step(pc, init, groups_per_micro=1, recompute=recompute)
     assert torch.allclose(mats, ref_mats, rtol=TOL, atol=0), (mats - ref_mats).abs().max()

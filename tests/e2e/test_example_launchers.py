@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_var.cli.train import build_parser
+from megatron_var.cli.train import build_parser, config_from_args
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS = sorted(p for p in (ROOT / "examples").glob("*.sh") if p.name not in ("_launch.sh", "demo_cpu.sh"))
@@ -73,9 +73,10 @@ def test_launcher_argv_start_resume_and_overrides(script, tmp_path):
     assert argv[:4] == ["--data-path", str(data), "--save", str(save)]
     assert argv[4:7] == ["--load", str(load), "--finetune"]
     assert argv[-6:] == ["--lr", "1", "--seed", "7", "--lr", "2"]
-    # the trainer reads a later run length as an override of the script's (--epochs 2 -> --train-iters 2000)
-    args = build_parser().parse_args(_argv(script, env, "--train-iters", "2000"))
-    assert (args.train_iters, args.epochs, args.lr) == (2000, None, 1.0)
+    # the trainer reads a later run length as an override of the script's (--epochs 2 -> --train-iters 2000), and
+    # the script's flags make a valid configuration
+    cfg = config_from_args(build_parser().parse_args(_argv(script, env, "--train-iters", "2000")))
+    assert (cfg.data.train_iters, cfg.data.epochs, cfg.optimizer.lr) == (2000, None, 1.0)
     save.mkdir()
     (save / "latest_checkpointed_iteration.txt").write_text("5\n")
     argv = _argv(script, env)

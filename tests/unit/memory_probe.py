@@ -51,7 +51,9 @@ def measure(cfg: dict, warm_up: bool = False) -> dict:
     parallel.seed_everything(1)
     arch = ModelArch(**cfg["arch"])
     pc = parallel.ParallelConfig(cfg.get("tp", 1), sequence_parallel=cfg.get("sp", False))
-    opts = ModelOptions(params_dtype="fp32", transformer_impl="local", recompute_activations=cfg["recompute"],
+    # "recompute": true = full (the estimator tests' cases), false = none, or a --recompute-granularity name
+    recompute = {True: "full", False: None}.get(cfg["recompute"], cfg["recompute"])
+    opts = ModelOptions(params_dtype="fp32", transformer_impl="local", recompute_granularity=recompute,
                         seq_length=cfg["prompt_length"] + cfg["group_size"] * cfg["response_length"])
     g = torch.Generator().manual_seed(0)
     P, R, Bn = cfg["prompt_length"], cfg["response_length"], cfg["group_size"]

@@ -37,10 +37,14 @@ def launchers() -> list[Path]:
 
 
 def trainer_flags(path: Path, tmp: Path) -> list[str]:
-    """The trainer argv the launcher builds (examples/_launch.sh in print mode), as torchrun mode gets it."""
+    """The trainer argv the launcher builds (examples/_launch.sh in print mode), as torchrun mode gets it: a fresh
+    run (--load LOAD_DIR --finetune)."""
     (tmp / "data").mkdir(exist_ok=True)
-    env = dict(os.environ, MEGATRON_VAR_PRINT_ARGS="1", DATA_DIR=str(tmp / "data"), SAVE_DIR=str(tmp / "save"))
-    env.pop("LOAD_DIR", None)
+    (tmp / "load").mkdir(exist_ok=True)
+    env = dict(os.environ, MEGATRON_VAR_PRINT_ARGS="1", DATA_DIR=str(tmp / "data"), SAVE_DIR=str(tmp / "save"),
+               LOAD_DIR=str(tmp / "load"))
+    env.pop("REF_LOAD", None)
+    env.pop("EXTRA_ARGS", None)
     r = subprocess.run(["bash", str(path)], env=env, capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     return [a.decode() for a in r.stdout.split(b"\0")[:-1]]
@@ -48,7 +52,7 @@ def trainer_flags(path: Path, tmp: Path) -> list[str]:
 
 def launcher_setup(path: Path, tmp: Path):
     """(arch, layout, workload, precision) of one launcher, from its header and its ``launch`` flags."""
-    from megatron_var.cli.train import build_parser
+    from megatron_var.cli.train import build_parser, config_from_args
 
     text = path.read_text()
     model = re.search(r"^# \w+ on (Llama-[\d.]+-\d+B|Qwen[\d.]+-\d+B)", text, re.M)
@@ -57,9 +61,9 @@ def launcher_setup(path: Path, tmp: Path):
     hw = re.search(r"(\d+) nodes? (?:of|x) (\d+)x", text)
     assert hw, f"{path.name}: header names no hardware ('N node(s) of Mx ...')"
     seq = re.search(r"--seq-length (\d+)", text)
-    args = build_parser().parse_args(trainer_flags(path, tmp))
+    cfg = config_from_args(build_parser().parse_args(trainer_flags(path, tmp)))  # the trainer's own checks too
     arch = memory_cli.load_arch(preset=preset)
-    return (arch,) + memory_cli.from_train_args(args, arch, int(hw.group(1)) * int(hw.group(2)),
+    return (arch,) + memory_cli.from_train_args(cfg, arch, int(hw.group(1)) * int(hw.group(2)),
                                                 int(seq.group(1)) if seq else SEQ_LENGTH)
 
 
@@ -206,8 +210,19 @@ def test_negative_control_8b_on_one_gpu_does_not_fit(capsys):
      "not a multiple"),
     (["--preset", "llama3.1-8b", "--seq-length", "2048", "--ref-offload", "--ref-cache"], "exclude each other"),
     (["--preset", "llama3.1-8b", "--seq-length", "2048", "--response-length", "2048"], "--response-length"),
+    (["--preset", "llama3.1-8b", "--seq-length", "2048", "--recompute-activations", "--recompute-granularity",
+      "full"], "conflicts with --recompute-granularity full"),
 ])
 def test_cli_bad_flags(argv, message, capsys):
     assert memory_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_cli_recompute_flags_mean_what_the_trainers_mean():
+    """--recompute-activations is Megatron-LM's shorthand for selective recomputation, in the trainer and here."""
+    base = ["--preset", "llama3.1-8b", "--seq-length", "2048"]
+    for extra, granularity in (([], "none"), (["--recompute-activations"], "selective"),
+                               (["--recompute-granularity", "full"], "full")):
+        _, _, _, prec = memory_cli.from_args(memory_cli.build_parser().parse_args(base + extra))
+        assert prec.recompute_granularity == granularity, extra
