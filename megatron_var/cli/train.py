@@ -12,22 +12,11 @@ layout or with another --global-batch-size / --train-iters / --train-samples / -
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 
-# Warnings every run prints and no user can act on, silenced one by one (all others stay visible):
-KNOWN_NOISE = (
-    # megatron-core, at import: it falls back to torch's optimizer, multi-tensor kernels and norms without
-    # Transformer Engine / apex (every CPU run)
-    ("(Transformer Engine and Apex are|Apex is) not installed", UserWarning),
-    # megatron-core, at import of its optimizer set-up: a model family we do not use is experimental
-    ("MimoModelConfig is experimental", UserWarning),
-    # torch, about the collectives megatron-core's DDP / distributed optimizer call
-    (r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", FutureWarning),
-)
-for _message, _category in KNOWN_NOISE:
-    warnings.filterwarnings("ignore", message=_message, category=_category)
+from megatron_var.runtime.logs import quiet_known_warnings, setup_logging
+
+quiet_known_warnings()  # before the imports below: they load megatron-core, which warns at import
 
 from megatron_var.cli import config_args  # noqa: E402  (after the filter: these imports load megatron-core)
 from megatron_var.training.config import TrainConfig  # noqa: E402
@@ -52,7 +41,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()  # INFO on global rank 0 (torchrun's RANK), warnings only elsewhere
     from megatron_var.runtime import parallel
     from megatron_var.training.trainer import Trainer, TrainingDiverged
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+
+import torch
 from typing import Optional
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -57,3 +59,13 @@ def quiet_known_warnings() -> None:
     # megatron-core's distributed optimizer still calls the old collective names; torch renamed them
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
                             r"deprecated", FutureWarning, r"torch\.distributed")
+    # megatron-core's dist-checkpointing builds torch ShardedTensors (its format); torch asks users to move to DTensor
+    warnings.filterwarnings("ignore", r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning)
+    # megatron-core reads .grad of the fp32 main-param views while zeroing/copying grads (it uses main_grad)
+    warnings.filterwarnings("ignore", r"The \.grad attribute of a Tensor that is not a leaf Tensor", UserWarning)
+    # torch.distributed.checkpoint notices on the calls megatron-core makes and on our single-process metadata reads
+    warnings.filterwarnings("ignore", r"The argument order of load has been changed", UserWarning)
+    warnings.filterwarnings("ignore", r"torch\.distributed is disabled, unavailable or uninitialized", UserWarning)
+    if not torch.cuda.is_available():
+        # a CUDA stream tuning hint from megatron's TP layers: there are no CUDA streams on a CPU run
+        warnings.filterwarnings("ignore", r"CUDA_DEVICE_MAX_CONNECTIONS", UserWarning, r"megatron\.core")

@@ -25,7 +25,7 @@ from megatron_var.checkpoint.layout import copy_hf_files, hf_dir
 from megatron_var.models.gpt import build_model_chunks
 from megatron_var.objectives import ref_gap
 from megatron_var.objectives.objective import build_objective
-from megatron_var.runtime.engine import build_optimizer, run_schedule, sum_reports, wrap_ddp
+from megatron_var.runtime.engine import build_optimizer, run_schedule, sum_reports, sync_params, wrap_ddp
 from megatron_var.runtime.forward_step import make_forward_step
 from megatron_var.training import progress, run_dir
 from megatron_var.training.callbacks import Callback
@@ -204,6 +204,7 @@ class Trainer:
     def save(self, weights_only: bool = False) -> None:
         ck = self.cfg.checkpoint
         self.saved_iteration = self.iteration
+        sync_params(self.model)  # --overlap-param-gather: other ranks' shards of the last step arrive lazily
         if self.is_logging_rank:
             Path(ck.save).mkdir(parents=True, exist_ok=True)
             self.arch.save(Path(ck.save) / "model_arch.json")
