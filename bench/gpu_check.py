@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from megatron_var.common.atomic import atomic_write_text
+
 ORDER = ("train", "matrices", "bench")
 LIMITS = {False: {"train": 90, "matrices": 60, "bench": 180},
           True: {"train": 120, "matrices": 90, "bench": 120}}  # dry run: caps for a loaded CI machine
@@ -74,9 +76,8 @@ def main(argv=None) -> int:
     for name in [n for n in ORDER if n in args.parts.split(",")]:
         report["parts"][name] = run_part(name, out, args.dry_run, limits[name])
         report["wall_s"] = round(time.time() - t0, 1)
-        tmp = out / "gpu_check.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, out / "gpu_check.json")  # never half-written, even when the machine is taken back
+        # never half-written, even when the machine is taken back
+        atomic_write_text(out / "gpu_check.json", json.dumps(report, indent=2) + "\n")
         print(f"[gpu_check] {name}: ok={report['parts'][name]['ok']} rc={report['parts'][name]['rc']} "
               f"{report['parts'][name]['wall_s']}s (limit {limits[name]:.0f}s)", flush=True)
     return 0 if all(r["ok"] for r in report["parts"].values()) else 1

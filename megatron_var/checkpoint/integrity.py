@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,6 +18,7 @@ from typing import Optional
 import xxhash
 
 from megatron_var.checkpoint import safe_unpickle
+from megatron_var.common.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _gather(obj, collective: bool) -> list:
 
 
 def write_manifest(ckpt_dir, collective: bool = False) -> dict:
-    """Hash the files of ``ckpt_dir`` and write the manifest (tmp + rename); returns the manifest.
+    """Hash the files of ``ckpt_dir`` and write the manifest (atomically); returns the manifest.
 
     ``collective``: every rank of the process group calls it after all have finished writing; the files are split
     over the ranks and rank 0 writes the manifest.
@@ -81,9 +81,7 @@ def write_manifest(ckpt_dir, collective: bool = False) -> dict:
         entries.update(part)
     manifest = {"algorithm": ALGORITHM, "files": dict(sorted(entries.items()))}
     if rank == 0:
-        tmp = ckpt_dir / f"{MANIFEST}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, ckpt_dir / MANIFEST)
+        atomic_write_text(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         dt = time.perf_counter() - t0
         total = sum(e["size"] for e in entries.values())
         logger.info("checksums of %s: %d files, %.3f GB in %.2f s (%.2f GB/s over %d rank(s))", ckpt_dir.name,

@@ -1,34 +1,51 @@
-"""Training checkpoints with megatron-core distributed checkpointing, written atomically.
+"""Checkpoint I/O: the one way a megatron_var checkpoint is read into a model, and the training checkpoint save.
 
-Layout of ``--save`` (also what ``--load`` reads):
-    model_arch.json                   the architecture (so no model-shape flags are needed)
-    latest_checkpointed_iteration.txt the iteration ``--load`` resumes from; replaced atomically, last
-    iter_0000042/                     megatron-core dist checkpoint: model, optimizer, LR scheduler, trainer state
+Two entry points share one loading path (``_read_into``):
+    load_model(chunks, root)              model weights only: the frozen reference (``--ref-load``), scoring, the
+                                          converters' output; the checkpoint named (tracker or ``iteration``) must
+                                          be intact.
+    load_checkpoint(root, model, ...)     the trainer's ``--load``: model + optimizer (when given and saved) +
+                                          common trainer state + RNG state; a damaged latest checkpoint falls back
+                                          to the newest intact one.
+Both verify the checksum manifest and read the metadata with a restricted unpickler before megatron touches the
+files (``integrity.check``), compare every model tensor's global shape with the checkpoint's (a checkpoint of
+another model is one line naming the tensor and both shapes), and load the model strictly: every parameter and
+buffer must come from the checkpoint; only ``*_extra_state`` (TE fp8 metadata) the checkpoint lacks keeps this
+model's own. Every failure is one ValueError line.
+
 Why atomic: a crash during a save must leave the previous checkpoint as the one ``--load`` finds. The new
 checkpoint is written to ``iter_XXXXXXX.tmp``, gets its checksum manifest when every rank has finished, is
-renamed, and only then is the tracker file replaced (tmp + ``os.replace``).
-Why verified: ``--load`` checks the manifest and reads the metadata with a restricted unpickler before megatron
-touches the files; a damaged latest checkpoint is reported by file and the newest intact one is loaded instead.
+renamed, and only then is the tracker file replaced (``megatron_var.common.atomic``).
+
+RNG state (Megatron-LM's ``--no-load-rng``): every save stores each rank's python/numpy/torch/CUDA RNG states and
+megatron-core's tensor-parallel RNG tracker as a ShardedObject keyed by (PP, TP, DP) rank; ``load_checkpoint``
+restores them unless ``load_rng=False``. A resume in another layout restores none (and says so), as Megatron-LM
+does after a TP/PP change: no rank of the new layout has a saved stream of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import pickle
+import random
 import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_var.checkpoint import integrity as checkpoint_integrity
-from megatron_var.checkpoint.layout import (TRACKER, check_model_shapes, checkpoint_tensor_shapes, iteration_dir,
-                                            latest_iteration, load_error_summary, write_latest)
+from megatron_var.checkpoint.layout import (TRACKER, checkpoint_object_keys, checkpoint_tensor_shapes, iteration_dir,
+                                            latest_iteration, resolve_checkpoint, write_latest)
+from megatron_var.common.atomic import replace_directory
 
 logger = logging.getLogger(__name__)
 
@@ -36,55 +53,37 @@ logger = logging.getLogger(__name__)
 # a resume may change TP, PP and DP. The per-bucket 'dp_reshardable' format saves without gathering but ties the
 # checkpoint to the saved TP x PP layout; checkpoints written in it still load when the layout is unchanged.
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+RNG_KEY = "rng_state"
+
+# What reading a checkpoint that does not fit or does not read raises inside megatron-core and torch DCP: DCP's
+# CheckpointException (a BaseException, carrying every rank's failure), megatron's CheckpointingException, and
+# what a truncated or scrambled file or a mismatched tensor gives the readers underneath.
+_READ_ERRORS = (CheckpointException, CheckpointingException, OSError, EOFError, pickle.UnpicklingError,
+                RuntimeError, ValueError, KeyError)
 
 
-def _model_sd(model: list) -> dict:
-    """{'model': sd} for one chunk, {'model0': sd0, 'model1': sd1, ...} for virtual-pipeline chunks.
+# ---- loading ------------------------------------------------------------------------------------------------
+def load_model(chunks: list, root, iteration: Optional[int] = None) -> Path:
+    """Load the model tensors of checkpoint ``root`` into this rank's model chunks (all ranks call it).
 
-    DDP wrappers are unwrapped so that policy (DDP) and frozen reference (bare) chunks use the same tensor keys.
+    Works for converter checkpoints (model only) and training checkpoints (their optimizer, RNG and trainer
+    state are ignored), whatever TP/PP/VPP they were written with. Returns the ``iter_*`` directory read.
     """
-    bare = [getattr(m, "module", m) for m in model]
-    if len(bare) == 1:
-        return {"model": bare[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(bare)}
+    ckpt = resolve_checkpoint(root, iteration)
+    checkpoint_integrity.ensure_intact(ckpt, collective=True)  # before anything unpickles its metadata
+    _read_into(chunks, ckpt, {}, f"cannot load model tensors from {ckpt}")
+    logger.info("loaded model weights from %s", ckpt)
+    return ckpt
 
 
-def save_checkpoint(root, iteration: int, model: list, optimizer=None, scheduler=None,
-                    trainer_state: Optional[dict] = None) -> Path:
-    """Save a full training state at ``iteration``; every rank must call it."""
-    root = Path(root)
-    final, tmp = iteration_dir(root, iteration), Path(str(iteration_dir(root, iteration)) + ".tmp")
-    if dist.get_rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    sd = _model_sd(model)
-    if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(sd if len(model) > 1 else sd["model"],
-                                                       metadata=OPTIM_METADATA)
-    if scheduler is not None:
-        sd["opt_param_scheduler"] = scheduler.state_dict()
-    sd["trainer_state"] = dict(trainer_state or {}, iteration=iteration)
-    dist_checkpointing.save(sd, str(tmp))
-    dist.barrier()
-    checkpoint_integrity.write_manifest(tmp, collective=True)  # before the rename: a final dir always has one
-    if dist.get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_latest(root, iteration)
-    dist.barrier()
-    logger.info("saved checkpoint %s", final)
-    return final
-
-
-def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration: Optional[int] = None
-                    ) -> dict:
-    """Load model (and optimizer/scheduler when given and present) from ``root``; returns the trainer state.
+def load_checkpoint(root, model: list, optimizer=None, iteration: Optional[int] = None, *, scheduler=None,
+                    load_rng: bool = True) -> dict:
+    """Load model (and optimizer/scheduler when given and saved) from ``root``; returns the trainer state.
 
     A checkpoint written by ``hf_to_megatron.py`` holds model weights only: then the trainer state is empty and a
     fresh run starts from those weights. ``checkpoint_iteration`` in the result is the iteration actually read
-    (older than the tracker's when the latest was damaged).
+    (older than the tracker's when the latest was damaged). ``load_rng=False`` is Megatron-LM's ``--no-load-rng``
+    (a ``--finetune`` should not restore them either).
     """
     root = Path(root)
     if not root.is_dir():
@@ -97,37 +96,135 @@ def load_checkpoint(root, model: list, optimizer=None, scheduler=None, iteration
         what = "tracker names" if iteration is None else "asked for"
         raise ValueError(f"--load {root}: {what} iteration {it} but {ckpt} is missing")
     ckpt = _intact_checkpoint(root, it, fallback=iteration is None)
-    sd = _model_sd(model)
-    check_model_shapes(sd, checkpoint_tensor_shapes(ckpt), ckpt)
     common = _common_state(ckpt)
     has_train_state = "trainer_state" in common  # converter checkpoints hold model weights only
-    if has_train_state and optimizer is not None:
-        _materialise_optimizer_state(optimizer)
-        sd["optimizer"] = optimizer.sharded_state_dict(sd if len(model) > 1 else sd["model"], is_loading=True,
-                                                       metadata=_saved_optim_metadata(common.get("optimizer")))
+    with_optimizer = optimizer is not None and "optimizer" in common
+    if optimizer is not None and has_train_state and not with_optimizer and dist.get_rank() == 0:
+        logger.warning("%s holds no optimizer state (a weights-only save): the optimizer starts fresh", ckpt)
+    extra: dict = {}
     if has_train_state:
-        sd["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else {}
-        sd["trainer_state"] = {}
+        extra["trainer_state"] = {}
+        if "opt_param_scheduler" in common:
+            extra["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else {}
+    rng = _rng_to_load(ckpt, load_rng, has_train_state)
+    if rng is not None:
+        extra[RNG_KEY] = rng
+
+    def optimizer_sd(model_sd: dict) -> dict:
+        _materialise_optimizer_state(optimizer)
+        return {"optimizer": optimizer.sharded_state_dict(model_sd if len(model) > 1 else model_sd["model"],
+                                                          is_loading=True,
+                                                          metadata=_saved_optim_metadata(common.get("optimizer")))}
+
     t0 = time.perf_counter()
-    logger.info("loading checkpoint %s (%s)", ckpt, "model + optimizer" if optimizer is not None and has_train_state
-                else "model weights")
-    try:
-        loaded = dist_checkpointing.load(sd, str(ckpt))
-    except (Exception, CheckpointException) as e:  # DCP's CheckpointException derives from BaseException
-        raise ValueError(f"--load {ckpt}: cannot load it ({load_error_summary(e)})") from e
-    keys = ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
-    for m, k in zip(model, keys):
-        getattr(m, "module", m).load_state_dict(loaded[k], strict=False)
-    if has_train_state and optimizer is not None:
+    logger.info("loading checkpoint %s (%s)", ckpt, "model + optimizer" if with_optimizer else "model weights")
+    loaded = _read_into(model, ckpt, extra, f"--load {ckpt}: cannot load it",
+                        optimizer_sd if with_optimizer else None)
+    if with_optimizer:
         _adopt_current_schedule_bounds(loaded["optimizer"], optimizer)
         with torch.no_grad(), _step_free_state_copy(optimizer):  # fp32 main params are leaves requiring grad
             optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
-    if has_train_state and scheduler is not None:
+    if scheduler is not None and "opt_param_scheduler" in extra:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
-    logger.info("loaded checkpoint %s in %.1f s", ckpt, time.perf_counter() - t0)
+    if rng is not None:
+        restore_rng_state(loaded[RNG_KEY])
+    logger.info("loaded checkpoint %s in %.1f s%s", ckpt, time.perf_counter() - t0,
+                " (RNG state restored)" if rng is not None else "")
     state = dict(loaded.get("trainer_state", {})) if has_train_state else {}
     return dict(state, checkpoint_iteration=int(ckpt.name.split("_")[1]))
+
+
+def _read_into(model: list, ckpt: Path, extra: dict, error: str, optimizer_sd=None) -> dict:
+    """Load the model part of ``ckpt`` (plus the ``extra`` items, plus ``optimizer_sd(model_sd)``) into ``model``'s
+    chunks; returns what ``dist_checkpointing.load`` read. ``ckpt`` must have passed ``integrity.check``."""
+    sd = _model_sd(model)
+    check_model_shapes(sd, checkpoint_tensor_shapes(ckpt), ckpt)
+    if optimizer_sd is not None:  # built from the full model sd: the optimizer's keys follow the parameters
+        sd.update(optimizer_sd(sd))
+    _drop_missing_extra_state(sd, checkpoint_object_keys(ckpt))
+    sd.update(extra)
+    try:
+        loaded = dist_checkpointing.load(sd, str(ckpt))
+    except _READ_ERRORS as e:
+        raise ValueError(f"{error} ({load_error_summary(e)})") from e
+    for chunk, key in zip(model, _model_keys(len(model))):
+        _load_chunk(getattr(chunk, "module", chunk), loaded[key], ckpt)
+    return loaded
+
+
+def _model_keys(n: int) -> list[str]:
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
+def _model_sd(model: list) -> dict:
+    """{'model': sd} for one chunk, {'model0': sd0, 'model1': sd1, ...} for virtual-pipeline chunks.
+
+    DDP wrappers are unwrapped so that policy (DDP) and frozen reference (bare) chunks use the same tensor keys.
+    """
+    bare = [getattr(m, "module", m) for m in model]
+    return {k: m.sharded_state_dict() for k, m in zip(_model_keys(len(bare)), bare)}
+
+
+def _load_chunk(chunk, state: dict, ckpt: Path) -> None:
+    """``load_state_dict(strict=True)`` of what the checkpoint provided, after naming what does not fit.
+
+    ``*_extra_state`` the checkpoint does not hold (TE fp8 metadata a local-spec or converter checkpoint lacks,
+    the output layer's, which megatron-core leaves out of the sharded state dict) keeps this model's own value.
+    """
+    own = chunk.state_dict(keep_vars=True)
+    missing = [k for k in own if k not in state]
+    lacking = [k for k in missing if not k.endswith("_extra_state")]
+    if lacking:
+        raise ValueError(f"checkpoint {ckpt} did not provide {lacking[:5]}"
+                         + (f" (+{len(lacking) - 5} more)" if len(lacking) > 5 else ""))
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise ValueError(f"checkpoint {ckpt} provided {unknown[:5]}, which this model does not have")
+    chunk.load_state_dict({**state, **{k: own[k] for k in missing}}, strict=True)
+
+
+def check_model_shapes(sd: dict, shapes: dict[str, tuple], ckpt: Path) -> None:
+    """Clear errors for a model tensor that the checkpoint lacks or holds with another global shape."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    for sh in nested_values(sd):
+        if not isinstance(sh, (ShardedTensor, ShardedTensorFactory)):
+            continue
+        if sh.key not in shapes:
+            raise ValueError(f"checkpoint {ckpt} has no tensor {sh.key!r}: a checkpoint of a different model "
+                             f"(it holds {len(shapes)} tensors, e.g. {sorted(shapes)[:3]})")
+        if isinstance(sh, ShardedTensor) and tuple(sh.global_shape) != shapes[sh.key]:
+            raise ValueError(f"checkpoint of a different model shape: {sh.key} is {list(shapes[sh.key])} in {ckpt}, "
+                             f"this model expects {list(sh.global_shape)} (check model_arch.json)")
+
+
+def _drop_missing_extra_state(sd: dict, object_keys: set[str]) -> None:
+    """Remove ``*_extra_state`` ShardedObjects the checkpoint does not hold (TE fp8 metadata / local-spec None:
+    a TE model loading a local-spec or converter checkpoint has extra ones)."""
+    for key in list(sd):
+        v = sd[key]
+        if isinstance(v, dict):
+            _drop_missing_extra_state(v, object_keys)
+        elif isinstance(v, ShardedObject) and v.key.endswith("_extra_state") and v.unique_key not in object_keys:
+            del sd[key]
+
+
+def load_error_summary(e: BaseException) -> str:
+    """One line for what ``dist_checkpointing.load`` raised: torch DCP's ``CheckpointException`` carries every
+    rank's failure with a formatted traceback; keep the first original error's type and first line."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        for f in failures.values():
+            orig = f[0] if isinstance(f, tuple) and f else f
+            if isinstance(orig, BaseException):
+                e = orig
+                break
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, EOFError) and not first:
+        first = "a file ends early (truncated?)"
+    return f"{type(e).__name__}: {first}"
 
 
 def _intact_checkpoint(root: Path, it: int, fallback: bool) -> Path:
@@ -157,10 +254,113 @@ def _common_state(ckpt: Path) -> dict:
     """The checkpoint's common (non-sharded) state: trainer state, scheduler, the optimizer's format."""
     try:
         return dist_checkpointing.load_common_state_dict(str(ckpt))
-    except (Exception, CheckpointException) as e:
+    except _READ_ERRORS as e:
         raise ValueError(f"--load {ckpt}: cannot read its common state ({load_error_summary(e)})") from e
 
 
+# ---- saving -------------------------------------------------------------------------------------------------
+def save_checkpoint(root, iteration: int, model: list, optimizer=None, scheduler=None,
+                    trainer_state: Optional[dict] = None) -> Path:
+    """Save a full training state at ``iteration`` (with every rank's RNG state); every rank must call it."""
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")  # one name on every rank (rank 0 creates and renames it)
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
+        tmp.mkdir()
+    dist.barrier()
+    sd = _model_sd(model)
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd if len(model) > 1 else sd["model"],
+                                                       metadata=OPTIM_METADATA)
+    if scheduler is not None:
+        sd["opt_param_scheduler"] = scheduler.state_dict()
+    sd["trainer_state"] = dict(trainer_state or {}, iteration=iteration)
+    sd[RNG_KEY] = _rng_object(capture_rng_state())
+    dist_checkpointing.save(sd, str(tmp))
+    dist.barrier()
+    checkpoint_integrity.write_manifest(tmp, collective=True)  # before the rename: a final dir always has one
+    if dist.get_rank() == 0:
+        replace_directory(tmp, final)
+        write_latest(root, iteration)
+    dist.barrier()
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+# ---- RNG state ----------------------------------------------------------------------------------------------
+def capture_rng_state() -> dict:
+    """This rank's RNG states as plain data (tensors, ints, tuples: torch's ``weights_only`` loader reads them,
+    so the restricted checkpoint check admits them): python ``random``, numpy's global generator, torch's CPU
+    generator, the current CUDA device's (when CUDA is in use) and megatron-core's tensor-parallel RNG tracker
+    (when it has states)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(),
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
+    if tracker:  # graph-safe trackers hold generators: stored as state tensors
+        state["tracker"] = {k: tensor_parallel.convert_cuda_rng_state(v, to_graphable=False)
+                            for k, v in tracker.items()}
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Set this rank's RNG states to ``capture_rng_state``'s ``state``; a part it lacks is left alone."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("tracker"):
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        graph_safe = tensor_parallel.is_graph_safe_cuda_rng_tracker(tracker)
+        tracker.set_states({k: tensor_parallel.convert_cuda_rng_state(v, to_graphable=graph_safe)
+                            for k, v in state["tracker"].items()})
+
+
+def _rng_layout() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(PP, TP, DP) sizes of this run and this rank's (PP, TP, DP) ranks."""
+    ps = parallel_state
+    return ((ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size()),
+            (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+             ps.get_data_parallel_rank()))
+
+
+def _rng_object(state: dict) -> ShardedObject:
+    """This rank's RNG state as one shard of a (PP, TP, DP) grid: every rank saves and loads its own."""
+    shape, offset = _rng_layout()
+    return ShardedObject(RNG_KEY, state, shape, offset, replica_id=0)
+
+
+def _rng_to_load(ckpt: Path, load_rng: bool, has_train_state: bool) -> Optional[ShardedObject]:
+    """The RNG ShardedObject to load from ``ckpt``, or None (not asked, not saved, or saved in another layout:
+    logged). The answer is the same on every rank (it depends on the layout and the metadata only)."""
+    if not load_rng or not has_train_state:
+        return None
+    obj = _rng_object(capture_rng_state())
+    keys = checkpoint_object_keys(ckpt)
+    if obj.unique_key in keys:
+        return obj
+    if dist.get_rank() == 0:
+        saved = sorted(k for k in keys if k.startswith(f"{RNG_KEY}/"))
+        if saved:
+            grid = saved[0].rsplit("_", 1)[-1].replace(".", " x ")
+            here = " x ".join(map(str, obj.global_shape))
+            logger.warning("RNG state not restored: %s saved it with PP x TP x DP = %s, this run is %s", ckpt, grid,
+                           here)
+        else:
+            logger.info("RNG state not restored: %s holds none (saved before RNG states were)", ckpt)
+    return None
+
+
+# ---- the distributed optimizer's state ----------------------------------------------------------------------
 def _saved_optim_metadata(common_optimizer) -> dict:
     """The distributed-optimizer format the checkpoint was written in (loading must request the same one)."""
     found = []

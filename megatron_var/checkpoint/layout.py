@@ -8,21 +8,19 @@
                                          tensors only, the trainer adds optimizer/RNG/trainer state
 
 Why one module: a converter checkpoint and a training checkpoint must be interchangeable for every reader
-(training start, scoring, export), so the file names and the "load only the model part" rule live once.
+(training start, scoring, export), so the file names live once. Loading them is ``megatron_var.checkpoint.io``.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
-from megatron_var.checkpoint import integrity as checkpoint_integrity, safe_unpickle
+from megatron_var.checkpoint import safe_unpickle
+from megatron_var.common.atomic import atomic_write_text
 from megatron_var.models.arch import ModelArch
 
-logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 ARCH_FILE = "model_arch.json"
@@ -49,11 +47,8 @@ def latest_iteration(root) -> Optional[int]:
 
 
 def write_latest(root, iteration: int) -> None:
-    """Record ``iteration`` as the one to load (tmp file + os.replace, so readers never see a partial file)."""
-    root = Path(root)
-    tmp = root / f"{TRACKER}.tmp-{os.getpid()}"
-    tmp.write_text(f"{int(iteration)}\n")
-    os.replace(tmp, root / TRACKER)
+    """Record ``iteration`` as the one to load (atomically, so readers never see a partial file)."""
+    atomic_write_text(Path(root) / TRACKER, f"{int(iteration)}\n")
 
 
 def hf_dir(root) -> Path:
@@ -74,10 +69,7 @@ def read_arch(root) -> ModelArch:
 
 def write_arch(root, arch: ModelArch) -> None:
     """Store ``arch`` as ``root/model_arch.json`` (atomically)."""
-    root = Path(root)
-    tmp = root / f"{ARCH_FILE}.tmp-{os.getpid()}"
-    arch.save(tmp)
-    os.replace(tmp, root / ARCH_FILE)
+    arch.save(Path(root) / ARCH_FILE)
 
 
 def is_hf_weight_file(name: str) -> bool:
@@ -129,81 +121,12 @@ def checkpoint_object_keys(ckpt_dir) -> set[str]:
     return {k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
 
 
-def _model_sharded_sd(chunks: list) -> dict:
-    """{'model': sd} for one chunk, {'model0': sd0, 'model1': sd1, ...} for virtual-pipeline chunks."""
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+def __getattr__(name: str):
+    """``layout.load_model``: the loader lives in ``checkpoint.io`` (one loading path for the policy, the reference
+    and scoring); this keeps ``from megatron_var.checkpoint.layout import load_model`` working until the trainer,
+    its last importer, imports it from there."""
+    if name == "load_model":
+        from megatron_var.checkpoint.io import load_model
 
-
-def check_model_shapes(sd: dict, shapes: dict[str, tuple], ckpt: Path) -> None:
-    """Clear errors for a model tensor that the checkpoint lacks or holds with another global shape."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
-    for sh in nested_values(sd):
-        if not isinstance(sh, (ShardedTensor, ShardedTensorFactory)):
-            continue
-        if sh.key not in shapes:
-            raise ValueError(f"checkpoint {ckpt} has no tensor {sh.key!r}: a checkpoint of a different model "
-                             f"(it holds {len(shapes)} tensors, e.g. {sorted(shapes)[:3]})")
-        if isinstance(sh, ShardedTensor) and tuple(sh.global_shape) != shapes[sh.key]:
-            raise ValueError(f"checkpoint of a different model shape: {sh.key} is {list(shapes[sh.key])} in {ckpt}, "
-                             f"this model expects {list(sh.global_shape)} (check model_arch.json)")
-
-
-def load_error_summary(e: BaseException) -> str:
-    """One line for what ``dist_checkpointing.load`` raised: torch DCP's ``CheckpointException`` carries every
-    rank's failure with a formatted traceback; keep the first original error's type and first line."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict):
-        for f in failures.values():
-            orig = f[0] if isinstance(f, tuple) and f else f
-            if isinstance(orig, BaseException):
-                e = orig
-                break
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if isinstance(e, EOFError) and not first:
-        first = "a file ends early (truncated?)"
-    return f"{type(e).__name__}: {first}"
-
-
-def _drop_missing_extra_state(sd: dict, object_keys: set[str]) -> None:
-    """Remove ``*_extra_state`` ShardedObjects the checkpoint does not hold (TE fp8 metadata / local-spec None:
-    a TE model loading a local-spec or converter checkpoint has extra ones)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    for key in list(sd):
-        v = sd[key]
-        if isinstance(v, dict):
-            _drop_missing_extra_state(v, object_keys)
-        elif isinstance(v, ShardedObject) and v.key.endswith("_extra_state") and v.unique_key not in object_keys:
-            del sd[key]
-
-
-def load_model(chunks: list, root, iteration: Optional[int] = None) -> Path:
-    """Load the model tensors of checkpoint ``root`` into this rank's model chunks (all ranks call it).
-
-    Works for converter checkpoints (model only) and training checkpoints (their optimizer, RNG and trainer
-    state are ignored), whatever TP/PP/VPP they were written with. Returns the ``iter_*`` directory read.
-    """
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    ckpt = resolve_checkpoint(root, iteration)
-    checkpoint_integrity.ensure_intact(ckpt, collective=True)  # before anything unpickles its metadata
-    sd = _model_sharded_sd(chunks)
-    check_model_shapes(sd, checkpoint_tensor_shapes(ckpt), ckpt)
-    _drop_missing_extra_state(sd, checkpoint_object_keys(ckpt))
-    try:
-        loaded = dist_checkpointing.load(sd, str(ckpt))
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise ValueError(f"cannot load model tensors from {ckpt} ({load_error_summary(e)})") from e
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, key in zip(chunks, keys):
-        result = chunk.load_state_dict(loaded[key], strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing:
-            raise ValueError(f"checkpoint {ckpt} did not provide {missing[:5]}")
-    logger.info("loaded model weights from %s", ckpt)
-    return ckpt
+        return load_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

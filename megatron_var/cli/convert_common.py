@@ -10,7 +10,7 @@ from megatron_var.cli.common import run_cli
 
 
 def _terminate(signum, frame):
-    raise KeyboardInterrupt  # unwinds through staged_output, which removes the partial output
+    raise KeyboardInterrupt  # unwinds through atomic_directory (convert/staging.py), which removes the partial output
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from megatron_var.cli.common import run_cli
+from megatron_var.common.atomic import atomic_write_text
 from megatron_var.data.formatting import DEFAULT_RAW_TEMPLATE
 from megatron_var.eval.reward_eval import EvalConfig, evaluate
 
@@ -107,9 +108,7 @@ def print_table(report: dict) -> None:
 def _write_json(path: str, obj) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(obj, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from megatron_var.cli.common import run_cli
+from megatron_var.common.atomic import atomic_write_text
 from megatron_var.eval.judge import Judge, JudgeConfig, JudgmentCache, Request
 from megatron_var.eval.winrate import OUTCOMES, TEMPLATE_ID, pair_outcome, render_question, seed_rates, summarize_seeds
 
@@ -147,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
               "generations": [str(Path(p).resolve()) for p in a.generations], "cache": str(cache_path),
               "stats": asdict(judge.stats), "results": results}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     for r in results:
         print(f"{r['model']}: " + ", ".join(f"{k} {_fmt(r[k])}" for k in OUTCOMES)
               + f" over {len(r['per_seed'])} seed(s), {r['n_pairs']} pairs, {r['errors']} errors")

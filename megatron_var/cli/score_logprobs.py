@@ -12,10 +12,9 @@ import argparse
 import sys
 import json
 import logging
-import os
-from pathlib import Path
 
 from megatron_var.cli.common import run_cli
+from megatron_var.common.atomic import atomic_write
 from megatron_var.checkpoint import layout as layout
 
 logger = logging.getLogger(__name__)
@@ -79,17 +78,16 @@ def _tokenizer(root):
 
 
 def write_scored(path, records: list[dict], scores: list[list[float]]) -> None:
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         for rec, token_logps in zip(records, scores):
             f.write(json.dumps({**rec, "logp": float(sum(token_logps)), "token_logps": token_logps}) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megatron_var.runtime import parallel
+    from megatron_var.checkpoint.io import load_model
     from megatron_var.models.gpt import ModelOptions, build_model_chunks
     from megatron_var.runtime.pair_logprobs import check_pairs, score_pairs
 
@@ -108,7 +106,7 @@ def main(argv=None) -> int:
     options = ModelOptions(params_dtype=args.params_dtype, transformer_impl=args.transformer_impl,
                            seq_length=longest)
     chunks = build_model_chunks(arch, pc, options)
-    layout.load_model(chunks, args.load, args.iteration)
+    load_model(chunks, args.load, args.iteration)
     scores = score_pairs(chunks, arch, pairs, args.micro_batch_size)
     if dist.get_rank() == 0:
         write_scored(args.output, records, scores)

@@ -1,20 +1,18 @@
-"""Atomic output directories: write into ``OUT.tmp-<pid>`` and rename at the very end.
+"""The converters' output directory: checked against the flags, then written atomically.
 
 Why: an interrupted or failed conversion must never leave something at OUT that looks like a valid checkpoint
-(a later ``--load OUT`` would silently train from half a model). On any exception, KeyboardInterrupt or SIGTERM
-(turned into KeyboardInterrupt by the CLIs) the temporary directory is removed.
+(a later ``--load OUT`` would silently train from half a model). The staging itself (``OUT.tmp-<pid>`` renamed at
+the very end, removed on any exception, KeyboardInterrupt or SIGTERM, which the CLIs turn into
+KeyboardInterrupt) is ``megatron_var.common.atomic.atomic_directory``; this module adds the converters' checks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Iterator
 
-logger = logging.getLogger(__name__)
+from megatron_var.common.atomic import atomic_directory
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -38,22 +36,7 @@ def check_output(out, sources: list, overwrite: bool) -> Path:
 
 @contextlib.contextmanager
 def staged_output(out, sources: list, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``out``; on success it replaces ``out``, on failure it is removed."""
-    out = check_output(out, sources, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """``check_output``, then yield a staging directory that replaces ``out`` on success and is removed on
+    failure (``atomic_directory``)."""
+    with atomic_directory(check_output(out, sources, overwrite), overwrite=overwrite) as tmp:
         yield tmp
-        if out.exists():
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        logger.error("conversion failed; removed the partial output %s", tmp)
-        raise

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from megatron_var.common.atomic import atomic_directory
 from megatron_var.data.adapters import ADAPTERS, FORMATS, BadRow, Example
 from megatron_var.data.detection import SINGLE_RESPONSE, detect_format
 from megatron_var.data.formatting import (
@@ -28,7 +29,7 @@ from megatron_var.data.formatting import (
 from megatron_var.data.grouping import pack_groups, regroup, split_units
 from megatron_var.data.groups import FORMAT_VERSION, grouping_dir, tokenizer_fingerprint
 from megatron_var.data.readers import InputSource, is_hub_name
-from megatron_var.data.writer import AtomicDir, Sample, check_output_dir, write_meta, write_split
+from megatron_var.data.writer import Sample, check_output_dir, write_meta, write_split
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def prepare(cfg: PrepareConfig) -> Summary:
         "overlong": cfg.overlong,
         "splits": {},
     }
-    with AtomicDir(output) as tmp:
+    with atomic_directory(output, overwrite=cfg.overwrite) as tmp:
         first_id = 0
         for name, (groups, n_units) in splits.items():
             n_shards = write_split(tmp / name, groups, first_id, cfg.shard_size)

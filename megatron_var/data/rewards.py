@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from megatron_var.common.atomic import atomic_write, atomic_write_text
 from megatron_var.data.groups import REWARD_SCHEMA, SPLITS, read_meta, rewards_path_for, split_shards
 
 logger = logging.getLogger(__name__)
@@ -125,9 +126,8 @@ def check_info(data_dir: Path, identity: dict, overwrite: bool) -> None:
         if old != identity:
             raise ValueError(f"{path}: existing rewards were scored with {old}, not {identity}; "
                              "pass --overwrite to re-score everything")
-    tmp = path.with_name(f"{INFO_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"scorer": identity}, indent=2) + "\n")
-    os.replace(tmp, path)  # every rank writes the same content: the race is harmless
+    # every rank writes the same content, each through its own temporary: the race is harmless
+    atomic_write_text(path, json.dumps({"scorer": identity}, indent=2) + "\n")
 
 
 def read_groups(shard: Path, B: int) -> tuple[np.ndarray, list[list[str]], list[list[list[dict]]], list[list[str]]]:
@@ -170,9 +170,8 @@ def _write_table(ids: list[int], flat_rows: list[np.ndarray], B: int, out: Path)
          pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.float32()))],
         schema=REWARD_SCHEMA,
     )
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    with atomic_write(out, "wb") as f:
+        pq.write_table(table, f)
 
 
 def score_chunk(chunk: Chunk, groups, scorer, B: int, cfg: ScoreConfig, summary: ScoreSummary) -> None:

@@ -1,12 +1,11 @@
-"""Writing a prepared data directory atomically: everything goes to a hidden temp dir renamed at the very end,
-so an interrupted run leaves nothing that looks like valid data (``meta.json`` is the last file written)."""
+"""Writing a prepared data directory: shards and ``meta.json`` (the last file written). The directory is written
+atomically by the caller (``megatron_var.common.atomic.atomic_directory``: a staging directory renamed at the very
+end), so an interrupted run leaves nothing that looks like valid data."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from megatron_var.common.atomic import atomic_write_text
 from megatron_var.data.groups import META_FILE, SAMPLE_SCHEMA, shard_name
 
 logger = logging.getLogger(__name__)
@@ -86,33 +86,5 @@ def write_split(split_dir: Path, groups: list[list[Sample]], first_group_id: int
     return n_shards
 
 
-class AtomicDir:
-    """Context manager yielding a temp dir next to ``output``; on success it replaces ``output``, on error it is
-    removed."""
-
-    def __init__(self, output: Path):
-        self.output = output
-        self.tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        trash = self.output.parent / f".{self.output.name}.old-{os.getpid()}"
-        if self.output.exists():
-            os.rename(self.output, trash)
-        os.rename(self.tmp, self.output)
-        shutil.rmtree(trash, ignore_errors=True)
-        return False
-
-
 def write_meta(directory: Path, meta: dict) -> None:
-    tmp = directory / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, directory / META_FILE)
+    atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")

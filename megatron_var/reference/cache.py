@@ -18,7 +18,6 @@ import gc
 import hashlib
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
@@ -27,6 +26,7 @@ from tqdm import tqdm
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_var.common.atomic import atomic_torch_save
 from megatron_var.runtime.parallel import holds_results
 from megatron_var.reference.online import FrozenReference
 
@@ -93,9 +93,7 @@ def save_cache(path: Path, cache: dict[int, torch.Tensor], meta: dict) -> None:
         payload = {"meta": meta, "group_ids": torch.tensor(ids, dtype=torch.long),
                    "values": torch.stack([cache[i] for i in ids])}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(payload, path)
         logger.info("reference cache: %d groups written to %s", len(ids), path)
     dist.barrier()
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 import hf_tiny
 from megatron_var.convert.import_hf import convert_hf_to_megatron
+from megatron_var.checkpoint import io as checkpoint_io
 from megatron_var.checkpoint import layout as ckpt_layout
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.runtime.pair_logprobs import score_pairs
@@ -70,7 +71,7 @@ def _ours(root, pairs, tp: int) -> list[list[float]]:
     with layout(tp=tp) as pc:
         chunks = build_model_chunks(arch, pc, ModelOptions(params_dtype="bf16"))
         assert chunks[0].decoder.layers[0].mlp.linear_fc1.weight.dtype == torch.bfloat16
-        ckpt_layout.load_model(chunks, root / "meg")
+        checkpoint_io.load_model(chunks, root / "meg")
         return score_pairs(chunks, arch, pairs, micro_batch_size=4)
 
 

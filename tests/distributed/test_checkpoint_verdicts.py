@@ -62,7 +62,7 @@ def test_damage_seen_by_one_rank_fails_every_rank_alike(converted):
     with layout(tp=2) as pc:
         chunks = build_model_chunks(arch, pc, ModelOptions())
         with pytest.raises(ValueError) as e:
-            ckpt_layout.load_model(chunks, converted)
+            checkpointing.load_model(chunks, converted)
     msgs = _same_everywhere(str(e.value))
     assert len(set(msgs)) == 1 and f"{victim}: hash mismatch" in msgs[0], msgs
 
@@ -77,7 +77,7 @@ def test_unverified_damage_is_one_error_on_every_rank(converted):
     with layout(tp=2) as pc:
         chunks = build_model_chunks(arch, pc, ModelOptions())
         with pytest.raises(ValueError, match="cannot load model tensors") as e:
-            ckpt_layout.load_model(chunks, converted)
+            checkpointing.load_model(chunks, converted)
     msgs = _same_everywhere(str(e.value).split(" (")[0])
     assert len(set(msgs)) == 1 and "\n" not in str(e.value), (msgs, str(e.value))
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import hf_tiny
 from megatron_var.convert.export_hf import convert_megatron_to_hf
 from megatron_var.convert.import_hf import convert_hf_to_megatron
+from megatron_var.checkpoint import io as checkpoint_io
 from megatron_var.checkpoint import layout as ckpt_layout
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.runtime.pair_logprobs import score_pairs
@@ -70,7 +71,7 @@ def test_logprobs_match_hf(case, name):
     arch = ckpt_layout.read_arch(root / "meg")
     with layout(**LAYOUTS[name]) as pc:
         chunks = build_model_chunks(arch, pc, ModelOptions())
-        ckpt_layout.load_model(chunks, root / "meg")
+        checkpoint_io.load_model(chunks, root / "meg")
         got = score_pairs(chunks, arch, pairs, micro_batch_size=3)
     err = _max_rel_err(got, ref)
     assert err <= TOL, f"{name}: per-token log-prob rel err {err:.2e}"
@@ -83,7 +84,7 @@ def test_wrong_weights_are_detected(case):
     d = arch.kv_channels
     with layout() as pc:
         chunks = build_model_chunks(arch, pc, ModelOptions())
-        ckpt_layout.load_model(chunks, root / "meg")
+        checkpoint_io.load_model(chunks, root / "meg")
         w = chunks[0].decoder.layers[1].self_attention.linear_qkv.weight
         with torch.no_grad():
             w[:2 * d] = torch.cat([w[d:2 * d], w[:d]]).clone()
@@ -98,7 +99,7 @@ def test_load_into_a_different_shape_is_refused(case):
     with layout() as pc:
         chunks = build_model_chunks(arch, pc, ModelOptions())
         with pytest.raises(ValueError, match=r"different model shape: decoder.layers.mlp.linear_fc2.weight is \["):
-            ckpt_layout.load_model(chunks, root / "meg")
+            checkpoint_io.load_model(chunks, root / "meg")
 
 
 def _meta(ckpt_dir: Path) -> tuple[dict, set]:
@@ -117,7 +118,7 @@ def test_round_trip_through_tp2pp2_megatron_save(case, tmp_path_factory):
     saved = _shared_dir(tmp_path_factory, "resaved")
     with layout(tp=2, pp=2) as pc:
         chunks = build_model_chunks(arch, pc, ModelOptions())
-        ckpt_layout.load_model(chunks, root / "meg")
+        checkpoint_io.load_model(chunks, root / "meg")
         if dist.get_rank() == 0:
             ckpt_layout.iteration_dir(saved, 5).mkdir(parents=True)
         dist.barrier()
