@@ -119,14 +119,3 @@ def checkpoint_object_keys(ckpt_dir) -> set[str]:
 
     md = safe_unpickle.load_metadata(ckpt_dir)
     return {k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
-
-
-def __getattr__(name: str):
-    """``layout.load_model``: the loader lives in ``checkpoint.io`` (one loading path for the policy, the reference
-    and scoring); this keeps ``from megatron_var.checkpoint.layout import load_model`` working until the trainer,
-    its last importer, imports it from there."""
-    if name == "load_model":
-        from megatron_var.checkpoint.io import load_model
-
-        return load_model
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -138,10 +138,12 @@ def transformer_config(arch: ModelArch, parallel, options: ModelOptions) -> Tran
         return TransformerConfig(**kwargs)
 
 
-def build_model_chunks(arch: ModelArch, parallel, options: ModelOptions) -> list[PositionalGPTModel]:
+def build_model_chunks(arch: ModelArch, parallel, options: ModelOptions, pg_collection=None
+                       ) -> list[PositionalGPTModel]:
     """This rank's model chunk(s): one per virtual pipeline stage (one when not interleaved).
 
-    parallel_state must already be initialised with the same layout.
+    parallel_state must already be initialised with the same layout. ``pg_collection``: the process groups the
+    model communicates in (megatron-core's ``ProcessGroupCollection``; None = megatron's global ones).
     """
     arch.check_layout(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                       parallel.virtual_pipeline_model_parallel_size)
@@ -166,6 +168,7 @@ def build_model_chunks(arch: ModelArch, parallel, options: ModelOptions) -> list
             rope_scaling=arch.rope_scaling_factor is not None,
             rope_scaling_factor=arch.rope_scaling_factor or 8.0,
             vp_stage=stage,
+            pg_collection=pg_collection,
         )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())

@@ -16,7 +16,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_var.batching.pairs import PairBatch, build_cross_pairs, build_diagonal
-from megatron_var.checkpoint.layout import load_model
+from megatron_var.checkpoint.io import load_model
 from megatron_var.models.arch import ModelArch
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.models.segment_mask import SegmentMask
@@ -118,10 +118,10 @@ class FrozenReference:
 
 def load_frozen_reference(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions, root: str,
                           iteration: Optional[int], *, pad_id: int, method: Method = "shared_prefix",
-                          offload: bool = False) -> FrozenReference:
+                          offload: bool = False, pg_collection=None) -> FrozenReference:
     """Build model chunks in this rank's layout and load the reference weights from ``root`` (its ``iteration``,
     or the latest) through the shape-checked checkpoint loader."""
-    chunks = build_model_chunks(arch, parallel, options)
+    chunks = build_model_chunks(arch, parallel, options, pg_collection)
     load_model(chunks, root, iteration)
     pad_multiple = parallel.tensor_model_parallel_size if parallel.sequence_parallel else 1
     return FrozenReference(chunks, arch.vocab_size, pad_id, method=method, offload=offload,

@@ -68,8 +68,9 @@ class OptimConfig:
                 raise ValueError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
 
 
-def wrap_ddp(chunks: list[torch.nn.Module], optim: OptimConfig) -> list[DistributedDataParallel]:
-    """megatron DDP per model chunk (fp32 gradient buffers); the first chunk owns bucketing (as Megatron-LM)."""
+def wrap_ddp(chunks: list[torch.nn.Module], optim: OptimConfig, pg_collection=None) -> list[DistributedDataParallel]:
+    """megatron DDP per model chunk (fp32 gradient buffers); the first chunk owns bucketing (as Megatron-LM).
+    ``pg_collection``: the data-parallel groups to reduce in (None = megatron's global ones)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=optim.overlap_grad_reduce,
@@ -77,7 +78,8 @@ def wrap_ddp(chunks: list[torch.nn.Module], optim: OptimConfig) -> list[Distribu
         use_distributed_optimizer=optim.use_distributed_optimizer,
     )
     return [
-        DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+        DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0,
+                                pg_collection=pg_collection)
         for i, c in enumerate(chunks)
     ]
 
@@ -100,6 +102,8 @@ def build_optimizer(ddp_chunks: list[DistributedDataParallel], optim: OptimConfi
         use_distributed_optimizer=optim.use_distributed_optimizer,
         decoupled_weight_decay=True,
     )
+    # megatron's global groups, not an explicit collection: megatron-core refuses gloo side groups next to one, and
+    # on GPU the distributed optimizer gathers its checkpoint state over those gloo groups
     optimizer = get_megatron_optimizer(oc, ddp_chunks, use_gloo_process_groups=torch.cuda.is_available())
     install_schedule_hooks(ddp_chunks, optimizer)
     return optimizer

@@ -68,4 +68,4 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", r"torch\.distributed is disabled, unavailable or uninitialized", UserWarning)
     if not torch.cuda.is_available():
         # a CUDA stream tuning hint from megatron's TP layers: there are no CUDA streams on a CPU run
-        warnings.filterwarnings("ignore", r"CUDA_DEVICE_MAX_CONNECTIONS", UserWarning, r"megatron\.core")
+        warnings.filterwarnings("ignore", r".*CUDA_DEVICE_MAX_CONNECTIONS", UserWarning, r"megatron\.core")

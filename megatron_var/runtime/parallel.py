@@ -144,6 +144,14 @@ def destroy_model_parallel() -> None:
     _GROUPS_BEFORE_INIT.clear()
 
 
+def process_groups():
+    """megatron-core's ``ProcessGroupCollection`` of the current layout, to hand to the model, DDP and our own
+    data sharding explicitly instead of each reading megatron's global state."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
 def holds_results() -> bool:
     """Whether this rank holds one copy of per-sample results: last pipeline stage, tensor-parallel rank 0 (one
     such rank per data-parallel replica; gathering from these alone collects every result exactly once)."""

@@ -19,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_var.common.atomic import atomic_write_text
 from megatron_var.training.callbacks import Callback
 from megatron_var.training.logging_sinks import MetricSinks, check_wandb
 from megatron_var.training.throughput import (IntervalMeter, device_peak_tflops, format_duration,
@@ -53,9 +53,7 @@ def truncate_metrics(run_dir: Path, iteration: int) -> None:
                     keep.append(ln)
             except (ValueError, KeyError, TypeError):
                 continue
-        tmp = path.with_suffix(".tmp")  # metrics.tmp: run_dir knows it as a run file
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _num(x: float) -> str:

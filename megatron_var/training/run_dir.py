@@ -19,8 +19,9 @@ from megatron_var.checkpoint.layout import ARCH_FILE, HF_SUBDIR, TRACKER
 
 logger = logging.getLogger(__name__)
 
-_RUN_FILES = (TRACKER, "metrics.jsonl", "valid_metrics.jsonl", "metrics.tmp", "valid_metrics.tmp", ARCH_FILE,
-              "ref_cache.pt")
+_RUN_FILES = (TRACKER, "metrics.jsonl", "valid_metrics.jsonl", ARCH_FILE, "ref_cache.pt")
+# names the run writes through common.atomic (leftovers of a crash mid-write: "<name>.tmp-<pid>-<random>")
+_RUN_PREFIXES = ("iter_", "ref_cache.pt", "metrics.jsonl.tmp-", "valid_metrics.jsonl.tmp-", TRACKER + ".tmp-")
 
 
 def run_files(save) -> list[Path]:
@@ -29,7 +30,7 @@ def run_files(save) -> list[Path]:
     if not root.is_dir():
         return []
     out = [root / n for n in _RUN_FILES if (root / n).exists()]
-    out += sorted(p for p in root.iterdir() if p.name.startswith("iter_") or p.name.startswith("ref_cache.pt"))
+    out += sorted(p for p in root.iterdir() if p.name.startswith(_RUN_PREFIXES))
     if (root / HF_SUBDIR).is_dir():
         out.append(root / HF_SUBDIR)
     return sorted(set(out))

@@ -76,7 +76,7 @@ def restore(cfg: TrainConfig, model: list, optimizer) -> RunState:
         return RunState()
     skip_optimizer = ck.finetune or ck.no_load_optim
     saved = checkpoint_io.load_checkpoint(ck.load, model, None if skip_optimizer else optimizer,
-                                          iteration=ck.ckpt_step)
+                                          iteration=ck.ckpt_step, load_rng=not (ck.finetune or ck.no_load_rng))
     loaded = saved.pop("checkpoint_iteration")
     tokenizer = saved.get("data_tokenizer")
     if ck.finetune:  # weights only: a fresh run from them
@@ -100,7 +100,7 @@ def reference_origin(cfg: TrainConfig, state: RunState) -> dict:
 
 
 def build_reference(cfg: TrainConfig, arch: ModelArch, options: ModelOptions, objective: Objective, origin: dict,
-                    data: EpochGroupings) -> Optional[ReferenceSource]:
+                    data: EpochGroupings, pg_collection=None) -> Optional[ReferenceSource]:
     """The objective's reference source (None for SFT): online in the policy's layout, or cached."""
     if objective.reference_kind is None:
         return None
@@ -110,7 +110,8 @@ def build_reference(cfg: TrainConfig, arch: ModelArch, options: ModelOptions, ob
 
     def load_frozen():
         return load_frozen_reference(arch, cfg.parallel, options, origin["root"], origin["iteration"], pad_id=PAD_ID,
-                                     method=ref.cross_pair_method, offload=ref.ref_offload)
+                                     method=ref.cross_pair_method, offload=ref.ref_offload,
+                                     pg_collection=pg_collection)
 
     if not ref.ref_cache:
         return build_reference_source(objective.reference_kind, reduction, load_frozen)

@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megatron_var.batching.steps import step_groups, step_start, uniform_microbatches
@@ -27,6 +26,7 @@ from megatron_var.objectives import ref_gap
 from megatron_var.objectives.objective import build_objective
 from megatron_var.runtime.engine import build_optimizer, run_schedule, sum_reports, sync_params, wrap_ddp
 from megatron_var.runtime.forward_step import make_forward_step
+from megatron_var.runtime.parallel import process_groups
 from megatron_var.training import progress, run_dir
 from megatron_var.training.callbacks import Callback
 from megatron_var.training.config import TrainConfig
@@ -58,13 +58,13 @@ class Trainer:
         if run_dir.check_save_dir(ck.save, ck.load, ck.finetune, ck.overwrite, cfg.reference.ref_load):
             run_dir.clear_run(ck.save)
         self.data, self.valid = load_data(cfg, self.objective.needs_rewards)
-        self.dp = parallel_state.get_data_parallel_world_size()
-        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.pgs = process_groups()  # handed to the model, DDP and the data sharding explicitly
+        self.dp, self.dp_rank = self.pgs.dp.size(), self.pgs.dp.rank()
         if cfg.data.global_batch_size % (cfg.data.micro_batch_size * self.dp):
             raise ValueError(f"--global-batch-size {cfg.data.global_batch_size} must be a multiple of "
                              f"--micro-batch-size {cfg.data.micro_batch_size} x data-parallel size {self.dp}")
         options = cfg.model.options(on_gpu=torch.cuda.is_available())
-        self.model = wrap_ddp(build_model_chunks(self.arch, cfg.parallel, options), cfg.optimizer)
+        self.model = wrap_ddp(build_model_chunks(self.arch, cfg.parallel, options, self.pgs), cfg.optimizer, self.pgs)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         state = restore(cfg, self.model, self.optimizer)
         check_data_tokenizer(self.data, self.arch, arch_source(ck.load, cfg.model.model_arch), ck.load,
@@ -81,7 +81,11 @@ class Trainer:
         self.saved_iteration: Optional[int] = None
         if not ck.load and ck.save:
             self.save(weights_only=True)  # iteration 0: the random initial weights = the reference's source
-        self.reference = build_reference(cfg, self.arch, options, self.objective, self.ref_origin, self.data)
+        rng = checkpoint_io.capture_rng_state()
+        self.reference = build_reference(cfg, self.arch, options, self.objective, self.ref_origin, self.data,
+                                         self.pgs)
+        # the reference's random init (then overwritten by its weights) must not shift the restored RNG streams
+        checkpoint_io.restore_rng_state(rng)
         self._forward_step = make_forward_step(self.objective.reduce_fn(), self.arch.vocab_size)
 
     # ---- one pass over a batch of groups -----------------------------------------------------------------
