@@ -69,14 +69,7 @@ class Trainer:
         state = restore(cfg, self.model, self.optimizer)
         check_data_tokenizer(self.data, self.arch, arch_source(ck.load, cfg.model.model_arch), ck.load,
                              state.recorded_tokenizer)
-        self.iteration, self.consumed, self.nan_skips = state.iteration, state.consumed, state.nan_skips
-        self.start_iteration = self.iteration
-        self.plan = progress.plan_run(iteration=self.iteration, consumed=self.consumed,
-                                      num_groups=self.data.groups_per_epoch, data=cfg.data, optimizer=cfg.optimizer,
-                                      warmup_groups=state.saved.get("lr_warmup_groups"))
-        self.end_iteration = self.plan.end_iteration
-        # the schedule is rebuilt from consumed groups and this run's flags, never loaded (progress.py)
-        self.scheduler = progress.build_scheduler(self.optimizer, self.plan, self.consumed, cfg.optimizer)
+        self._position(state)
         self.ref_origin = reference_origin(cfg, state)
         self.saved_iteration: Optional[int] = None
         if not ck.load and ck.save:
@@ -87,6 +80,17 @@ class Trainer:
         # the reference's random init (then overwritten by its weights) must not shift the restored RNG streams
         checkpoint_io.restore_rng_state(rng)
         self._forward_step = make_forward_step(self.objective.reduce_fn(), self.arch.vocab_size)
+
+    def _position(self, state) -> None:
+        """Where the run stands (iteration, consumed groups) and where it ends; the LR schedule at that point,
+        rebuilt from consumed groups and this run's flags, never loaded (progress.py)."""
+        self.iteration, self.consumed, self.nan_skips = state.iteration, state.consumed, state.nan_skips
+        self.start_iteration = self.iteration
+        self.plan = progress.plan_run(iteration=self.iteration, consumed=self.consumed,
+                                      num_groups=self.data.groups_per_epoch, data=self.cfg.data,
+                                      optimizer=self.cfg.optimizer, warmup_groups=state.saved.get("lr_warmup_groups"))
+        self.end_iteration = self.plan.end_iteration
+        self.scheduler = progress.build_scheduler(self.optimizer, self.plan, self.consumed, self.cfg.optimizer)
 
     # ---- one pass over a batch of groups -----------------------------------------------------------------
     def _pad_multiple(self) -> int:
