@@ -7,7 +7,8 @@
 Everything is measured in one run of one process (a world of 1 through ``megatron_var.runtime.parallel``), so the ratios
 compare like with like on the same device:
   policy_step        fwd+bwd of one micro-batch: our megatron-core GPTModel (local spec, SDPA) vs transformers'
-                     LlamaForCausalLM (SDPA), same shape, random init. MFU = tokens/s × (6N + 6·L·h·s) / peak, with
+                     LlamaForCausalLM (SDPA), same shape, random init. MFU = tokens/s × model FLOPs per token
+                     (the trainer's, ``megatron_var.training.throughput``: 6 × GEMM weights + 6·L·q·s) / peak, with
                      the peak measured here by an n³ matmul (bf16 on GPU, fp32 on CPU).
   reference_scoring  one group's [B, B] cross-pair matrix: naive (B² rows in one micro-batch, as
                      ``--cross-pair-method naive``; and split per prompt), shared prefix with the dense mask, and
@@ -15,7 +16,7 @@ compare like with like on the same device:
   var_vs_sft         a training step on B·(P+R) tokens: SFT, and VAR = reference pass + weights + the same step.
 Results: printed as JSON and written to ``bench/results/<preset>_<device>.json``. Targets (``bench/presets.py``)
 are reported, never asserted (timings are not test material). Sizes: ``bench/presets.py``; the measurements
-themselves: ``bench/py``.
+themselves: ``bench/measure_steps.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from bench.measure_steps import (build_references, free_device, guarded, hf_policy_step, measure_peak_flops,
                                  megatron_policy_step, random_group, reference_scoring, var_vs_sft)
 from bench.presets import PRESETS, TARGETS, Preset
-from megatron_var.models.arch import ModelArch
+from megatron_var.training.throughput import train_flops_per_token
 
 logger = logging.getLogger(__name__)
 
@@ -64,21 +65,15 @@ def device_slug(name: str) -> str:
     return slug if torch.cuda.is_available() else "cpu-" + slug.removeprefix("cpu-")
 
 
-def flops_per_token(arch: ModelArch, n_params: int, seq: int) -> float:
-    """6N + 6·L·h·s: dense fwd+bwd FLOPs per token plus causal attention scores (PaLM's MFU convention)."""
-    return 6 * n_params + 6 * arch.num_layers * arch.hidden_size * seq
-
-
 def _measure_policy_step(preset: Preset, pc, options, peak: float) -> dict:
     arch, mb, s = preset.arch, preset.micro_batch, preset.seq_length
     ours = guarded(lambda: megatron_policy_step(arch, pc, options, mb, s, preset.warmup, preset.iters),
                    "policy_step/megatron")
     hf = guarded(lambda: hf_policy_step(arch, mb, s, preset.warmup, preset.iters), "policy_step/transformers")
-    n = hf.get("params") or ours.get("params")
-    out = {"micro_batch": mb, "seq_length": s, "flops_per_token": flops_per_token(arch, n, s) if n else None,
+    out = {"micro_batch": mb, "seq_length": s, "flops_per_token": train_flops_per_token(arch, s),
            "megatron": ours, "transformers": hf}
     for entry in (ours, hf):
-        if "tokens_per_s" in entry and n:
+        if "tokens_per_s" in entry:
             entry["mfu"] = entry["tokens_per_s"] * out["flops_per_token"] / peak
     if "tokens_per_s" in ours and "tokens_per_s" in hf:
         out["megatron_over_transformers"] = ours["tokens_per_s"] / hf["tokens_per_s"]
