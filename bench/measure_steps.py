@@ -122,8 +122,9 @@ def megatron_policy_step(arch: ModelArch, pc, options: ModelOptions, micro_batch
     return out
 
 
-def hf_policy_step(arch: ModelArch, micro_batch: int, seq: int, warmup: int, iters: int) -> dict:
-    """fwd+bwd of transformers' LlamaForCausalLM (SDPA, random init) with its own causal-LM loss, same shape."""
+def build_hf_model(arch: ModelArch) -> torch.nn.Module:
+    """transformers' ``*ForCausalLM`` of ``arch`` (SDPA attention, random init) on the benchmark's device and dtype
+    (bf16 on GPU, fp32 on CPU), in train mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = hf_config_from_arch(arch)
@@ -133,7 +134,12 @@ def hf_policy_step(arch: ModelArch, micro_batch: int, seq: int, warmup: int, ite
     dtype = torch.bfloat16 if cuda else torch.float32
     with torch.device("cuda" if cuda else "cpu"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
-    model.train()
+    return model.train()
+
+
+def hf_policy_step(arch: ModelArch, micro_batch: int, seq: int, warmup: int, iters: int) -> dict:
+    """fwd+bwd of transformers' LlamaForCausalLM (SDPA, random init) with its own causal-LM loss, same shape."""
+    model = build_hf_model(arch)
     tokens = random_tokens(micro_batch, seq, arch.vocab_size, seed=1).to(next(model.parameters()).device)
 
     def step():

@@ -206,7 +206,18 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, help="timed runs per measurement (median); default from the preset")
     p.add_argument("--warmup", type=int, help="untimed runs first; default from the preset")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU (1: stable timings)")
+    p.add_argument("--lengths", action="store_true",
+                   help="instead: the length-realistic step benchmark (bench/length_benchmark.py): real vs computed "
+                        "tokens and step time of SFT, VAR online/cached, DPO and a TRL-style VAR step, on lognormal "
+                        "lengths; writes <preset>_<device>_lengths.json")
+    p.add_argument("--lengths-from", metavar="DATA",
+                   help="with --lengths (implied): draw the groups from this prepared data directory's train split")
+    p.add_argument("--lengths-seed", type=int, default=0, help="seed of the --lengths draw")
     args = p.parse_args(argv)
+    if args.lengths or args.lengths_from:
+        from bench.length_benchmark import main_lengths
+
+        return main_lengths(args)
     flex = {"auto": None, "on": True, "off": False}[args.flex]
     result = run_benchmark(args.preset, Path(args.out_dir) if args.out_dir else None, flex=flex,
                            transformer_impl=args.transformer_impl, iters=args.iters, warmup=args.warmup,
