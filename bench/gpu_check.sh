@@ -6,8 +6,10 @@
 #                 FlexAttention, 20 steps on a fixed tiny batch: finite, decreasing loss, ref_policy_logp_gap at step 1
 #   (b) matrices  [B, B]: FlexAttention shared prefix vs dense shared prefix vs naive, fp32 and bf16
 #   (c) bench     tools/bench.py --preset llama3.2-1b (policy vs transformers, VAR/SFT, shared prefix vs naive)
+#   (d) lengths   only with --parts ...,lengths: tools/bench.py --preset llama3.2-1b --lengths (lognormal lengths,
+#                 real vs computed tokens, our VAR step vs a TRL-style one); limit 150 s, outside the 6-minute budget
 # Limits 90 + 60 + 180 s: under 6 minutes. --dry-run: tiny shapes, CPU without a GPU (< 1 minute; tested in the suite).
-# Usage: bash bench/gpu_check.sh OUT_DIR [--dry-run] [--limit PART=SECONDS]
+# Usage: bash bench/gpu_check.sh OUT_DIR [--dry-run] [--limit PART=SECONDS] [--parts train,matrices,bench,lengths]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [--dry-run]}

@@ -1,6 +1,6 @@
 """The parts of the prepared GPU check (``bench/gpu_check.sh``), one per process, each writing ``OUT/<part>.json``.
 
-    python -m bench.gpu_check_parts {train,matrices,bench} OUT [--dry-run]
+    python -m bench.gpu_check_parts {train,matrices,bench,lengths} OUT [--dry-run]
 
 train     VAR training on CUDA/NCCL (world of 1), bf16, distributed optimizer, shared-prefix reference with
           compiled FlexAttention, 20 steps on one fixed batch of random groups: finite and decreasing loss,
@@ -8,6 +8,8 @@ train     VAR training on CUDA/NCCL (world of 1), bf16, distributed optimizer, s
 matrices  one group's [B, B] matrix by shared prefix with FlexAttention, shared prefix with the dense mask, and
           naive rows, in fp32 and bf16: largest relative differences (same weights).
 bench     ``tools/bench.py``'s llama3.2-1b preset (policy vs transformers, VAR vs SFT, shared prefix vs naive).
+lengths   ``tools/bench.py --preset llama3.2-1b --lengths`` (lognormal lengths: real vs computed tokens of SFT, VAR
+          online/cached and DPO steps, our VAR step vs the TRL-style one); not in the default parts (time budget).
 
 ``--dry-run``: tiny shapes, on the CPU when there is no GPU (FlexAttention then runs eagerly): the whole check in
 well under a minute, so the orchestration is tested in the suite; the numbers mean nothing.
@@ -119,7 +121,20 @@ def part_bench(out: Path, dry_run: bool) -> dict:
             "ok": "error" not in json.dumps(r.get("targets", {}))}
 
 
-PARTS = {"train": part_train, "matrices": part_matrices, "bench": part_bench}
+def part_lengths(out: Path, dry_run: bool) -> dict:
+    from bench.length_benchmark import run_lengths_benchmark
+
+    preset = "micro" if dry_run else "llama3.2-1b"
+    # writes out/bench/<preset>_<device>_lengths.json after our side and again after the TRL-style side
+    r = run_lengths_benchmark(preset, out / "bench")
+    entries = [r[side][m] for side, ms in (("ours", ("sft", "var_online", "var_cached", "dpo")),
+                                           ("trl_style", ("var_online", "var_cached"))) for m in ms]
+    return {"preset": preset, "written_to": r.get("written_to"), "speedup_vs_trl_style": r["speedup_vs_trl_style"],
+            "ours_var_online_ref_policy_logp_gap_step1": r["ours"]["var_online"].get("ref_policy_logp_gap_step1"),
+            "ok": all("error" not in e for e in entries)}
+
+
+PARTS = {"train": part_train, "matrices": part_matrices, "bench": part_bench, "lengths": part_lengths}
 
 
 def main(argv=None) -> int:

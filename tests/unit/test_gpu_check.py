@@ -51,3 +51,16 @@ def test_a_part_over_its_limit_is_killed_and_recorded(tmp_path):
     r = gpu_check.run_part("slow", tmp_path, True, limit=2, cmd=[sys.executable, "-c", script])
     assert time.time() - t0 < 20
     assert r["timed_out"] and not r["ok"] and r["partial"] == 1 and r["limit_s"] == 2
+
+
+def test_lengths_part_dry_run(tmp_path, monkeypatch):
+    """The optional lengths part (``--parts ...,lengths``; outside the default 6-minute budget) at its dry-run size:
+    both sides measured, the JSON written, the speed-ups reported."""
+    for k, v in dict(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT)).items():
+        monkeypatch.setenv(k, v)  # run_part's subprocess inherits the environment
+    monkeypatch.chdir(ROOT)
+    r = gpu_check.run_part("lengths", tmp_path, True, limit=gpu_check.LIMITS[True]["lengths"])
+    assert r["ok"] and not r["timed_out"], (r, (tmp_path / "lengths.log").read_text()[-3000:])
+    assert r["preset"] == "micro" and Path(r["written_to"]).name.endswith("_lengths.json")
+    assert set(r["speedup_vs_trl_style"]) == {"online", "cached"}
+    assert "lengths" not in gpu_check.DEFAULT_PARTS and "lengths" in gpu_check.ORDER
