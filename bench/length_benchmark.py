@@ -55,7 +55,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ import torch
 from bench.measure_steps import PAD_ID, VAR_LAMBDA, build_hf_model, free_device, guarded, sync
 from bench.presets import LENGTHS_TARGETS, PRESETS, Preset
 from megatron_var.batching.pairs import build_cross_pairs, build_diagonal
-from megatron_var.batching.steps import rewards_tensor, uniform_microbatches
+from megatron_var.batching.steps import uniform_microbatches
 from megatron_var.data.formatting import fit_length
 from megatron_var.data.groups import Group, GroupDataset
 from megatron_var.models.arch import ModelArch
@@ -219,14 +219,6 @@ class Tally:
 
 
 # ---- ours ---------------------------------------------------------------------------------------------------------
-def _timed(fn: Callable[[], object]) -> tuple[object, float]:
-    sync()
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - t0
-
-
 def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, flex: bool) -> dict:
     """SFT, VAR online (shared prefix), VAR cached and DPO steps through the package's own code paths, on one policy
     (megatron DDP + optimizer) and a frozen reference built from the policy's start weights."""
@@ -242,7 +234,7 @@ def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, fl
                   for name in ("sft", "var", "dpo")}
     gaps: list[float] = []
 
-    def step(groups: list[Group], objective, source: Optional[ReferenceSource]) -> dict:
+    def step(groups: list[Group], objective, forward_step, source: Optional[ReferenceSource]) -> dict:
         t0 = time.perf_counter()
         optimizer.zero_grad()
         micro = [[g] for g in groups]
@@ -251,8 +243,8 @@ def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, fl
         objective.attach(batches, micro, ref_values)
         sync()
         t1 = time.perf_counter()
-        reports = run_schedule(make_forward_step(objective.reduce_fn(), arch.vocab_size), batches, model,
-                               forward_only=False, seq_length=max(b["tokens"].size(1) for b in batches),
+        reports = run_schedule(forward_step, batches, model, forward_only=False,
+                               seq_length=max(b["tokens"].size(1) for b in batches),
                                micro_batch_size=batches[0]["tokens"].size(0))
         sync()
         t2 = time.perf_counter()
@@ -262,13 +254,12 @@ def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, fl
         gaps.extend(float(r[ref_gap.KEY]) for r in reports if ref_gap.KEY in r)
         computed = sum(b["tokens"].numel() for b in batches)
         ref_computed = source.computed_tokens if isinstance(source, OnlineReference) else 0
+        ref_real = 0
         if isinstance(source, OnlineReference):
-            ref_real = sum(reference_counts(g, source.kind)[0] for g in groups)
-            expected = sum(reference_counts(g, source.kind)[1] for g in groups)
-            if ref_computed != expected:  # the counts below describe what really ran
+            counts = [reference_counts(g, source.kind) for g in groups]
+            ref_real, expected = sum(c[0] for c in counts), sum(c[1] for c in counts)
+            if ref_computed != expected:  # the counts reported describe what really ran
                 raise AssertionError(f"reference ran {ref_computed} tokens, its rows have {expected}")
-        else:
-            ref_real = 0
         return {"step_s": t3 - t0, "reference_s": t1 - t0, "fwd_bwd_s": t2 - t1, "optimizer_s": t3 - t2,
                 "policy_real": policy_real_tokens(groups), "policy_computed": computed,
                 "reference_real": ref_real, "reference_computed": ref_computed,
@@ -276,8 +267,9 @@ def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, fl
 
     def run(objective, source) -> dict:
         tally = Tally()
+        forward_step = make_forward_step(objective.reduce_fn(), arch.vocab_size)  # once per run, as the Trainer
         for k, groups in enumerate(steps):
-            rec = step(groups, objective, source)
+            rec = step(groups, objective, forward_step, source)
             if k >= warmup:
                 tally.add(**rec)
         return tally.summary()

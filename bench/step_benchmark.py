@@ -14,6 +14,8 @@ compare like with like on the same device:
                      ``--cross-pair-method naive``; and split per prompt), shared prefix with the dense mask, and
                      shared prefix with the FlexAttention BlockMask (GPU).
   var_vs_sft         a training step on B·(P+R) tokens: SFT, and VAR = reference pass + weights + the same step.
+``--lengths`` (``bench/length_benchmark.py``) instead runs whole steps on groups of lognormal (or a data
+directory's) lengths: real vs computed tokens and time of SFT, VAR online / cached, DPO and a TRL-style VAR step.
 Results: printed as JSON and written to ``bench/results/<preset>_<device>.json``. Targets (``bench/presets.py``)
 are reported, never asserted (timings are not test material). Sizes: ``bench/presets.py``; the measurements
 themselves: ``bench/measure_steps.py``.
@@ -203,8 +205,11 @@ def main(argv=None) -> int:
                    help="also time shared-prefix scoring with FlexAttention (auto: when CUDA is present)")
     p.add_argument("--transformer-impl", choices=["local", "te", "auto"], default="local",
                    help="our model's layer implementation (local = megatron local spec + SDPA/Flex core attention)")
-    p.add_argument("--iters", type=int, help="timed runs per measurement (median); default from the preset")
-    p.add_argument("--warmup", type=int, help="untimed runs first; default from the preset")
+    p.add_argument("--iters", type=int,
+                   help="timed runs per measurement (median; with --lengths: counted steps, mean); default from the "
+                        "preset")
+    p.add_argument("--warmup", type=int,
+                   help="untimed runs first (with --lengths: uncounted steps); default from the preset")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU (1: stable timings)")
     p.add_argument("--lengths", action="store_true",
                    help="instead: the length-realistic step benchmark (bench/length_benchmark.py): real vs computed "

@@ -6,9 +6,12 @@ bench/results/<preset>_<device>.json.
     python tools/bench.py --preset tiny             # CPU, seconds
     python tools/bench.py --preset llama3.2-1b      # one GPU
     python tools/bench.py --preset micro            # seconds: the GPU check's dry run (bench/gpu_check.sh)
+    python tools/bench.py --preset tiny --lengths   # lognormal lengths: real vs computed tokens of SFT / VAR
+                                                    # online, cached / DPO steps, our VAR step vs a TRL-style one
 
 Run with --help for the flags. The code is in bench/: step_benchmark.py (command line, orchestration), presets.py
-(sizes, targets), measure_steps.py (the measurements); docs/performance.md explains what is measured.
+(sizes, targets), measure_steps.py (the measurements), length_benchmark.py (--lengths); docs/performance.md explains
+what is measured.
 """
 
 import sys
