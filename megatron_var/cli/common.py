@@ -1,7 +1,9 @@
-"""Shared CLI behaviour for the data tools: logging set-up and user errors as one line + exit code 2."""
+"""Shared behaviour of every command: rank-0 logging, known third-party warnings quieted, user errors as one
+line + exit code 2."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 
@@ -20,3 +22,15 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_cli_cleaning_up(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """``run_cli`` for commands that stage a large output (the converters): SIGTERM (SLURM's scancel, a timeout)
+    becomes KeyboardInterrupt, which unwinds through ``common.atomic.atomic_directory`` and removes the partial
+    output instead of leaving it behind."""
+    signal.signal(signal.SIGTERM, _terminate)
+    return run_cli(main, argv)

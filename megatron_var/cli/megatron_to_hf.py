@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_var.cli import convert_common
+from megatron_var.cli.common import run_cli_cleaning_up
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
 def cli() -> None:
     """Console-script entry point ([project.scripts] in pyproject.toml)."""
-    sys.exit(convert_common.run(main))  # SIGTERM removes a partial output
+    sys.exit(run_cli_cleaning_up(main))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import hf_tiny
-from megatron_var.cli import convert_common as cli, hf_to_megatron, megatron_to_hf
+from megatron_var.cli import hf_to_megatron, megatron_to_hf
+from megatron_var.cli.common import run_cli_cleaning_up
 from megatron_var.convert import export_hf, import_hf
 from megatron_var.convert.hf_io import ShardedSafetensorsWriter
 from megatron_var.checkpoint import layout as layout
@@ -35,7 +36,7 @@ def src(base, tmp_path):
 
 
 def _import_error(capsys, argv) -> str:
-    assert cli.run(hf_to_megatron.main, argv + ["--no-progress"]) == 2
+    assert run_cli_cleaning_up(hf_to_megatron.main, argv + ["--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and not any("Traceback" in line for line in err), err
     return err[-1]
@@ -156,7 +157,7 @@ def test_interrupted_overwrite_keeps_the_old_output(base, tmp_path, monkeypatch)
 
 
 def _export_error(capsys, argv) -> str:
-    assert cli.run(megatron_to_hf.main, argv + ["--no-progress"]) == 2
+    assert run_cli_cleaning_up(megatron_to_hf.main, argv + ["--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and not any("Traceback" in line for line in err), err
     return err[-1]
