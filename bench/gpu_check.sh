@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [--dry-run]}
 shift
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
   >"$OUT/nvidia_smi.csv" 2>&1

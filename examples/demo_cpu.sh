@@ -7,5 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
+export OMP_NUM_THREADS=1
 exec .venv/bin/python -m megatron_var.demo.run --work-dir "${WORK_DIR:-runs/demo}" --seed "${SEED:-0}" "$@"

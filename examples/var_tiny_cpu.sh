@@ -10,7 +10,7 @@
 """:" # bash runs the lines up to `exit`; Python (torchrun examples/X.sh) sees a string
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
+export OMP_NUM_THREADS=1
 [ "${MEGATRON_VAR_PRINT_ARGS:-}" = 1 ] || bash scripts/setup_env.sh  # torchrun mode already runs in the venv
 PY=${PYTHON:-.venv/bin/python}
 OUT=$(realpath -m "${OUT:-runs/var_tiny_cpu}")

@@ -30,7 +30,7 @@ def _cli(tool: str) -> list[str]:
 class Runner:
     def __init__(self, work: Path, nproc: int):
         self.work, self.nproc = work, nproc
-        self.env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        self.env = dict(os.environ, OMP_NUM_THREADS="1")
         self.timings: dict[str, float] = {}
 
     def run_stage(self, stage: str, args: list[str], torchrun: bool = False) -> None:
