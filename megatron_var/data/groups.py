@@ -249,7 +249,7 @@ class EpochGroupings:
     """Every grouping of one split as one sequence: index ``e * G + k`` is group k of grouping e.
 
     Why: VAR estimates Z(x_i) from the other responses of x_i's group, so the trainer reads grouping ``e % N`` in
-    epoch e (``training/batches.step_groups``), and the reference cache must cover the groups of all groupings.
+    epoch e (``batching/steps.step_groups``), and the reference cache must cover the groups of all groupings.
     Groupings hold the same samples, so they must have the same number of groups G (checked here; a
     ``drop_unscored`` that leaves out groups of one grouping only is refused rather than silently unbalancing epochs).
     """

@@ -9,7 +9,7 @@ Peak of the busiest rank = persistent state + the larger of the two phases of a 
 reference scores a step's groups before the policy schedule starts):
 
 * persistent: policy weights (params dtype), fp32 gradient buffer (``grad_reduce_in_fp32=True`` in
-  ``training/engine.py``), optimizer (bf16/fp16 params: fp32 main copy + Adam m, v = 12 B/param; fp32 params:
+  ``runtime/engine.py``), optimizer (bf16/fp16 params: fp32 main copy + Adam m, v = 12 B/param; fp32 params:
   m, v = 8 B/param, the main params are the model's own), sharded over DP with the distributed optimizer; the
   reference's weights when resident (no grads, no optimizer).
 * policy phase: activations of the micro-batches in flight + logits/cross-entropy buffers of one micro-batch + one

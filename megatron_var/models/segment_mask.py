@@ -2,7 +2,7 @@
 
 Why an object instead of the dense [b, 1, s, s] bool mask: the dense mask of one B=8 group at prompt 512 /
 response 256 is 8 × 2568² bytes (53 MB) per micro-batch, moved to the device every step, and a dense mask rules out
-the fast attention kernels. ``attn_segments`` [b, s] (see ``data/cross_pairs.py``) says everything: the core
+the fast attention kernels. ``attn_segments`` [b, s] (see ``batching/pairs.py``) says everything: the core
 attention turns it into a FlexAttention ``BlockMask`` (GPU) or a dense mask (CPU, SDPA) once per micro-batch and
 device, cached on this object, so all layers of a forward pass share one build.
 

@@ -1,7 +1,7 @@
 """How long a run is and where its LR schedule stands, both counted in consumed groups.
 
 Why groups, not iterations: a resumed run may change ``--global-batch-size`` or extend ``--train-iters`` /
-``--train-samples`` / ``--epochs``. The data order (``batches.step_groups``) is a function of the groups consumed so
+``--train-samples`` / ``--epochs``. The data order (``batching.steps.step_groups``) is a function of the groups consumed so
 far, and so is the position in the LR schedule (as Megatron-LM's sample-based schedule: ``lr_decay_steps`` in
 samples, one ``step(increment=global_batch_size)`` per iteration). The schedule's length is always recomputed from
 the flags of the current run, never taken from the checkpoint: a longer resumed run then decays over its new length
@@ -15,7 +15,7 @@ LR schedule (Megatron-LM's ``get_optimizer_param_scheduler``): linear warmup fro
 in Megatron-LM (= of the run when ``--lr-decay-iters`` is not given).
 
 Consumed groups are a position in the stream of epochs: an epoch tail shorter than a global batch is skipped
-(``batches.step_start``), and the schedule advances over it too, so a resumed run positioned at ``consumed`` is
+(``batching.steps.step_start``), and the schedule advances over it too, so a resumed run positioned at ``consumed`` is
 where the uninterrupted run was. ``--train-samples`` is a position in the same stream (the run stops before a step
 that would end past it); with no skipped tails it is Megatron-LM's ``train_samples // global_batch_size``
 iterations.

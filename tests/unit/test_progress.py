@@ -1,5 +1,5 @@
 """Run length, LR schedule position and data order are all functions of consumed groups (training/progress.py,
-training/batches.py), so a resume may change --global-batch-size, --train-iters, --train-samples or --epochs; and
+batching/steps.py), so a resume may change --global-batch-size, --train-iters, --train-samples or --epochs; and
 the LR schedule follows Megatron-LM's (--lr-warmup-iters / --lr-warmup-fraction, --lr-decay-iters), checked
 against hand-computed values."""
 
