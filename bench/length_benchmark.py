@@ -14,7 +14,8 @@ their own lengths (fitted the same way), group size and reward matrices; token i
 are folded into it (what is measured depends on lengths only).
 
 A step = ``Preset.lengths_groups`` groups, one group per micro-batch (the trainer's --micro-batch-size 1), run as
-``Trainer.train_step`` runs it: ``optimizer.zero_grad``, ``batching.steps.uniform_microbatches``, the reference
+``Trainer.train_step`` runs it: ``optimizer.zero_grad``, ``runtime.microbatches.policy_microbatches`` (packed rows, the
+trainer's default; ``ours_padded``: padded rows), the reference
 source's values (``reference.source.OnlineReference`` over a ``FrozenReference`` with ``score_cross_pairs``
 (shared prefix) or ``score_diagonal`` (DPO); ``CachedReference`` for "cached"), ``Objective.attach``
 (``objectives.objective.build_objective``), megatron's schedule (``runtime.engine.run_schedule`` +
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from functools import partial
 import json
 import logging
 import math
@@ -63,7 +65,7 @@ import torch
 from bench.measure_steps import PAD_ID, VAR_LAMBDA, build_hf_model, free_device, guarded, sync
 from bench.presets import LENGTHS_TARGETS, PRESETS, Preset
 from megatron_var.batching.pairs import build_cross_pairs, build_diagonal
-from megatron_var.batching.steps import uniform_microbatches
+from megatron_var.runtime.microbatches import policy_microbatches, shaped_pairs
 from megatron_var.data.formatting import fit_length
 from megatron_var.data.groups import Group, GroupDataset
 from megatron_var.models.arch import ModelArch
@@ -181,13 +183,16 @@ def naive_pair_tokens(group: Group) -> int:
     return b * sum(len(x) for x in group.prompt_ids) + b * sum(len(y) for y in group.response_ids)
 
 
-def reference_counts(group: Group, kind: str) -> tuple[int, int]:
+def reference_counts(group: Group, kind: str, pack: bool = True) -> tuple[int, int]:
     """(real, computed) tokens of ``group``'s reference rows as ``FrozenReference`` builds them (no model run)."""
     if kind == "cross":
-        rows = build_cross_pairs(group.prompt_ids, group.response_ids, PAD_ID, method="shared_prefix")
-        return shared_prefix_real_tokens(group), rows.tokens.numel()
-    rows = build_diagonal(group.prompt_ids, group.response_ids, PAD_ID)
-    return policy_real_tokens([group]), rows.tokens.numel()
+        build = partial(build_cross_pairs, group.prompt_ids, group.response_ids, PAD_ID, method="shared_prefix")
+        real = shared_prefix_real_tokens(group)
+    else:
+        build = partial(build_diagonal, group.prompt_ids, group.response_ids, PAD_ID)
+        real = policy_real_tokens([group])
+    (rows,) = shaped_pairs([build], PAD_ID, 1, same_length=False, pack=pack)
+    return real, rows.tokens.numel()
 
 
 class Tally:
@@ -219,7 +224,7 @@ class Tally:
 
 
 # ---- ours ---------------------------------------------------------------------------------------------------------
-def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, flex: bool) -> dict:
+def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, flex: bool, pack: bool = True) -> dict:
     """SFT, VAR online (shared prefix), VAR cached and DPO steps through the package's own code paths, on one policy
     (megatron DDP + optimizer) and a frozen reference built from the policy's start weights."""
     from megatron_var.models.gpt import build_model_chunks
@@ -229,7 +234,7 @@ def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, fl
     ref_chunks = build_model_chunks(arch, pc, dataclasses.replace(options, flex_attention=flex))
     for rc, m in zip(ref_chunks, model):  # the reference = the policy's start weights (a run from scratch)
         rc.load_state_dict(m.module.state_dict())
-    frozen = FrozenReference(ref_chunks, arch.vocab_size, PAD_ID, method="shared_prefix")
+    frozen = FrozenReference(ref_chunks, arch.vocab_size, PAD_ID, method="shared_prefix", pack=pack)
     objectives = {name: build_objective(ObjectiveConfig(name=name, var_lambda=VAR_LAMBDA, dpo_beta=DPO_BETA))
                   for name in ("sft", "var", "dpo")}
     gaps: list[float] = []
@@ -238,7 +243,7 @@ def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, fl
         t0 = time.perf_counter()
         optimizer.zero_grad()
         micro = [[g] for g in groups]
-        batches = uniform_microbatches(micro, PAD_ID, 1, same_length=pc.pipeline_model_parallel_size > 1)
+        batches = policy_microbatches(micro, PAD_ID, 1, same_length=pc.pipeline_model_parallel_size > 1, pack=pack)
         ref_values = source.values(groups) if source is not None else None
         objective.attach(batches, micro, ref_values)
         sync()
@@ -256,7 +261,7 @@ def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, fl
         ref_computed = source.computed_tokens if isinstance(source, OnlineReference) else 0
         ref_real = 0
         if isinstance(source, OnlineReference):
-            counts = [reference_counts(g, source.kind) for g in groups]
+            counts = [reference_counts(g, source.kind, source.frozen.pack) for g in groups]
             ref_real, expected = sum(c[0] for c in counts), sum(c[1] for c in counts)
             if ref_computed != expected:  # the counts reported describe what really ran
                 raise AssertionError(f"reference ran {ref_computed} tokens, its rows have {expected}")
@@ -473,8 +478,12 @@ def run_lengths_benchmark(preset_name: str, out_dir: Optional[Path], *, data: Op
             result["wall_s"] = round(time.time() - t0, 1)
             path.write_text(json.dumps(result, indent=2) + "\n")
 
-    result["ours"] = ours(arch, pc, options, steps, warmup, flex)
+    result["ours"] = ours(arch, pc, options, steps, warmup, flex, pack=True)
     free_device()
+    write()
+    result["ours_padded"] = ours(arch, pc, options, steps, warmup, flex, pack=False)
+    free_device()
+    result["packed_vs_padded"] = packing_gain(result)
     write()
     result["trl_style"] = trl_style(arch, steps, warmup, preset.trl_ref_rows)
     free_device()
@@ -483,6 +492,18 @@ def run_lengths_benchmark(preset_name: str, out_dir: Optional[Path], *, data: Op
     if path is not None:
         result["written_to"] = str(path)
     return result
+
+
+def packing_gain(result: dict) -> dict:
+    """Per method: padded / packed policy computed tokens and step time (> 1: packing computes and takes less)."""
+    out = {}
+    for method, packed in result.get("ours", {}).items():
+        padded = result.get("ours_padded", {}).get(method)
+        if not isinstance(packed, dict) or not isinstance(padded, dict) or "error" in packed or "error" in padded:
+            continue
+        out[method] = {"policy_computed_tokens": padded["policy"]["computed_tokens"] / packed["policy"]["computed_tokens"],
+                       "step_time": padded["step_s"] / packed["step_s"]}
+    return out
 
 
 def table(result: dict) -> str:
@@ -496,11 +517,11 @@ def table(result: dict) -> str:
              f"{result['groups_per_step']} groups of {result['group_size']} per step, {result['counted_steps']} "
              "steps counted (means per step)", head]
     sp = result.get("speedup_vs_trl_style", {})
-    for side in ("ours", "trl_style"):
+    for side in ("ours", "ours_padded", "trl_style"):
         for method, entry in result.get(side, {}).items():
             if not isinstance(entry, dict):
                 continue
-            label = ("" if side == "ours" else "TRL-style ") + method
+            label = {"ours": "", "ours_padded": "padded ", "trl_style": "TRL-style "}[side] + method
             if "error" in entry:
                 lines.append(f"{label:<22}  error: {entry['error'][:80]}")
                 continue

@@ -16,8 +16,11 @@ Builders:
 
 attn_segments [N, S] encodes the mask compactly (for FlexAttention block masks and for block_attention_mask; the
 dense ``attention_mask`` of a batch is derived from it on access):
-  -1 padding (attends to itself only), 0 shared (the prefix, visible to every later token of the row),
+  -1 padding (attends to itself only), 0 shared (the prefix, visible to every later token of its sequence),
   j + 1 response segment j (sees shared tokens and earlier tokens of segment j).
+A packed row (``pack_rows``) holds several independent sequences end to end: their values are
+doc * DOC_STRIDE + the value above, and a token sees only tokens of its own doc. Unpacked rows are doc 0, so one
+rule covers both.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ __all__ = [
     "build_shared_prefix",
     "build_diagonal",
     "build_cross_pairs",
+    "pack_rows",
+    "DOC_STRIDE",
 ]
 
 TokenIds = Sequence[int] | torch.Tensor
@@ -88,19 +93,25 @@ class PairBatch:
         return PairBatch(**moved)
 
 
-def block_attention_mask(attn_segments: torch.Tensor) -> torch.Tensor:
-    """Dense mask [N, 1, S, S] bool, True = masked, from attn_segments [N, S].
+DOC_STRIDE = 1 << 20
+"""attn_segments of a packed row: doc * DOC_STRIDE + segment; a sequence never has this many response segments."""
 
-    Query q may see key k iff k <= q and (seg[k] == 0 or seg[k] == seg[q]) for a non-pad q; a pad q sees itself
-    only, so no row of the mask is fully masked (no NaN from softmax).
-    """
+
+def visible(seg_q: torch.Tensor, seg_k: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    """The attention rule (True = q attends to k), elementwise on broadcastable tensors: k <= q, both non-pad, the
+    same doc, and k shared or in q's segment; a pad q sees itself only (no fully masked row, no NaN softmax)."""
+    same_doc = torch.div(seg_k, DOC_STRIDE, rounding_mode="floor") == torch.div(seg_q, DOC_STRIDE,
+                                                                               rounding_mode="floor")
+    sub_k, sub_q = seg_k % DOC_STRIDE, seg_q % DOC_STRIDE
+    allowed = (kv_idx <= q_idx) & (seg_q >= 0) & (seg_k >= 0) & same_doc & ((sub_k == 0) | (sub_k == sub_q))
+    return allowed | ((seg_q < 0) & (q_idx == kv_idx))
+
+
+def block_attention_mask(attn_segments: torch.Tensor) -> torch.Tensor:
+    """Dense mask [N, 1, S, S] bool, True = masked, from attn_segments [N, S] (rule: ``visible``)."""
     n, s = attn_segments.shape
-    seg_q = attn_segments[:, :, None]  # [N, S, 1]
-    seg_k = attn_segments[:, None, :]  # [N, 1, S]
     pos = torch.arange(s, device=attn_segments.device)
-    causal = pos[:, None] >= pos[None, :]  # [S, S]
-    allowed = causal & (seg_q >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-    allowed = allowed | ((seg_q < 0) & torch.eye(s, dtype=torch.bool, device=attn_segments.device))
+    allowed = visible(attn_segments[:, :, None], attn_segments[:, None, :], pos[:, None], pos[None, :])
     return (~allowed).unsqueeze(1)
 
 
@@ -254,3 +265,53 @@ def build_cross_pairs(
     if method not in builders:
         raise ValueError(f"cross-pair method must be one of {sorted(builders)}, got {method!r}")
     return builders[method](prompts, responses, pad_id, pad_to_multiple_of, seq_length)
+
+
+def pack_rows(batch: PairBatch, capacity: int, pad_id: int, pad_to_multiple_of: int = 1,
+              num_rows: int | None = None, seq_length: int | None = None) -> PairBatch:
+    """The rows of ``batch`` (each an independent sequence: a pair [x_i; y_i] or a shared-prefix row) laid end to
+    end into rows of at most ``capacity`` tokens (raised to the longest sequence if below it), longest first, each
+    into the first row it fits. Tokens keep their labels, positions (restarting per sequence)
+    and cells, so ``reduce`` returns the same matrix; each sequence becomes one doc of its row and attends only to
+    itself. Why: rows padded to the longest sequence compute padding; packed rows compute (almost) only tokens.
+
+    ``num_rows`` / ``seq_length``: add empty rows up to this many / pad rows to this length (pipeline parallelism
+    sends fixed shapes).
+    """
+    seg = batch.attn_segments
+    if int(seg.max()) >= DOC_STRIDE:
+        raise ValueError("pack_rows: the batch is packed already")
+    lengths = (seg >= 0).sum(dim=1).tolist()
+    for r, n in enumerate(lengths):
+        if n and int((seg[r, :n] < 0).sum()):
+            raise ValueError(f"pack_rows: row {r} is not right-padded")
+    capacity = max(capacity, max(lengths))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for r in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        k = next((k for k, f in enumerate(free) if f >= lengths[r]), None)
+        if k is None:
+            bins.append([])
+            free.append(capacity)
+            k = len(bins) - 1
+        bins[k].append(r)
+        free[k] -= lengths[r]
+    if num_rows is not None:
+        if num_rows < len(bins):
+            raise ValueError(f"pack_rows: {len(bins)} rows needed, num_rows is {num_rows}")
+        bins += [[] for _ in range(num_rows - len(bins))]
+    s = _padded_length(max(capacity - f for f in free), pad_to_multiple_of, seq_length)
+    fields = {"tokens": (batch.tokens, pad_id), "labels": (batch.labels, pad_id), "loss_mask": (batch.loss_mask, 0),
+              "position_ids": (batch.position_ids, 0), "segment_index": (batch.segment_index, -1)}
+    out = {name: torch.full((len(bins), s), fill, dtype=src.dtype) for name, (src, fill) in fields.items()}
+    out["attn_segments"] = torch.full((len(bins), s), -1, dtype=torch.long)
+    for row, members in enumerate(bins):
+        at = 0
+        for doc, r in enumerate(members):
+            n = lengths[r]
+            for name, (src, _) in fields.items():
+                out[name][row, at:at + n] = src[r, :n]
+            out["attn_segments"][row, at:at + n] = seg[r, :n] + doc * DOC_STRIDE
+            at += n
+    return PairBatch(**out, response_lengths=batch.response_lengths, matrix_shape=batch.matrix_shape,
+                     block_masked=True)

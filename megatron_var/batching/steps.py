@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_var.batching.pairs import build_diagonal
+from megatron_var.batching.pairs import PairBatch, build_diagonal
 
 
 def global_order(num_groups: int, seed: int, epoch: int) -> np.ndarray:
@@ -52,23 +52,19 @@ def step_groups(num_groups: int, seed: int, consumed: int, global_batch: int, dp
     return [base + int(order[k]) for k in range(pos + dp_rank * per_rank, pos + (dp_rank + 1) * per_rank)]
 
 
-def policy_microbatch(groups: list, pad_id: int, pad_to_multiple_of: int = 1, seq_length=None) -> dict:
-    """Rows [x_i; y_i] of every sample of ``groups`` (group-major) as one schedule micro-batch."""
+def policy_pairs(groups: list, pad_id: int, pad_to_multiple_of: int = 1, seq_length=None) -> PairBatch:
+    """Rows [x_i; y_i] of every sample of ``groups`` (group-major cells), right-padded."""
     prompts = [p for g in groups for p in g.prompt_ids]
     responses = [r for g in groups for r in g.response_ids]
-    d = build_diagonal(prompts, responses, pad_id, pad_to_multiple_of=pad_to_multiple_of, seq_length=seq_length)
+    return build_diagonal(prompts, responses, pad_id, pad_to_multiple_of=pad_to_multiple_of, seq_length=seq_length)
+
+
+def policy_microbatch(groups: list, pad_id: int, pad_to_multiple_of: int = 1, seq_length=None) -> dict:
+    """Unpacked rows [x_i; y_i] of ``groups`` as one schedule micro-batch (plain causal attention); the trainer's
+    micro-batches, packed or not, come from ``runtime.microbatches.policy_microbatches``."""
+    d = policy_pairs(groups, pad_id, pad_to_multiple_of, seq_length)
     return {"tokens": d.tokens, "labels": d.labels, "loss_mask": d.loss_mask, "position_ids": None,
             "attention_mask": None, "cross": d, "num_groups": len(groups)}
-
-
-def uniform_microbatches(micro_groups: list[list], pad_id: int, pad_to_multiple_of: int, same_length: bool
-                         ) -> list[dict]:
-    """Policy micro-batches; under pipeline parallelism all share one length (megatron's fixed p2p shapes)."""
-    batches = [policy_microbatch(g, pad_id, pad_to_multiple_of) for g in micro_groups]
-    if same_length and len({b["tokens"].shape for b in batches}) > 1:
-        longest = max(b["tokens"].size(1) for b in batches)
-        batches = [policy_microbatch(g, pad_id, pad_to_multiple_of, seq_length=longest) for g in micro_groups]
-    return batches
 
 
 def rewards_tensor(groups: list) -> torch.Tensor:

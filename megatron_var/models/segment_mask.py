@@ -11,8 +11,8 @@ megatron-core hands ``attention_mask`` from ``GPTModel.forward`` through ``Trans
 paths differ: ``tensor_parallel.checkpoint`` saves its args with ``save_for_backward``, which takes tensors only,
 so a ``SegmentMask`` is for forward passes without activation recomputation — the frozen reference's case).
 
-Rule (same as ``cross_pairs.block_attention_mask``): query q may see key k iff k <= q and (seg[k] == 0 or
-seg[k] == seg[q]) for a non-pad q (seg[q] >= 0); a pad query sees itself only.
+Rule: ``batching.pairs.visible`` (the same function builds the dense mask): k <= q, same doc of a packed row, and k
+shared or in q's segment; a pad query sees itself only.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_var.batching.pairs import block_attention_mask
+from megatron_var.batching.pairs import block_attention_mask, visible
 
 FLEX_BLOCK_SIZE = 128
 
@@ -31,10 +31,7 @@ def segment_mask_mod(segments_bs: torch.Tensor) -> Callable:
     """FlexAttention ``mask_mod(b, h, q, k) -> bool`` (True = attend) over ``segments_bs`` [b, s] long."""
 
     def mask_mod(b, h, q_idx, kv_idx):
-        seg_q = segments_bs[b, q_idx]
-        seg_k = segments_bs[b, kv_idx]
-        visible = (kv_idx <= q_idx) & (seg_q >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-        return visible | ((seg_q < 0) & (q_idx == kv_idx))
+        return visible(segments_bs[b, q_idx], segments_bs[b, kv_idx], q_idx, kv_idx)
 
     return mask_mod
 

@@ -10,6 +10,7 @@ state; optionally parked on the CPU between uses.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -19,9 +20,9 @@ from megatron_var.batching.pairs import PairBatch, build_cross_pairs, build_diag
 from megatron_var.checkpoint.io import load_model
 from megatron_var.models.arch import ModelArch
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
-from megatron_var.models.segment_mask import SegmentMask
 from megatron_var.runtime.engine import run_schedule
 from megatron_var.runtime.forward_step import make_forward_step
+from megatron_var.runtime.microbatches import as_microbatch, shaped_pairs
 from megatron_var.runtime.parallel import ParallelConfig
 
 logger = logging.getLogger(__name__)
@@ -39,28 +40,20 @@ def _matrix_reduce(reduction: str):
     return reduce_fn
 
 
-def cross_to_batch(cross: PairBatch) -> dict:
-    """Model inputs of a PairBatch as a schedule micro-batch dict (the batch object rides along).
-
-    A block-masked batch passes its mask in compact form (``SegmentMask``): the core attention builds a
-    FlexAttention BlockMask or the dense mask from it on the device, once per micro-batch.
-    """
-    mask = SegmentMask(cross.attn_segments) if cross.block_masked else None
-    return {"tokens": cross.tokens, "labels": cross.labels, "loss_mask": cross.loss_mask,
-            "position_ids": cross.position_ids, "attention_mask": mask, "cross": cross}
-
-
 class FrozenReference:
     """Scores cross pairs (VAR) or the diagonal (DPO) of each group with frozen model chunks."""
 
     def __init__(self, chunks: list[torch.nn.Module], vocab_size: int, pad_id: int, *,
-                 method: Method = "shared_prefix", offload: bool = False, pad_to_multiple_of: int = 1):
+                 method: Method = "shared_prefix", offload: bool = False, pad_to_multiple_of: int = 1,
+                 pack: bool = True):
         self.chunks = chunks
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.method = method
         self.offload = offload and torch.cuda.is_available()
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.pack = pack
+        """Pack each group's rows (``runtime.microbatches``); the matrices are the same either way."""
         for chunk in chunks:
             chunk.eval()
             for p in chunk.parameters():
@@ -106,14 +99,11 @@ class FrozenReference:
                                        prompts, responses), reduction)
 
     def _build(self, build, prompts, responses) -> list[dict]:
-        """One micro-batch per group; under PP all of one call share a length (megatron's fixed p2p shapes)."""
-        crosses = [build(p, r, pad_to_multiple_of=self.pad_to_multiple_of) for p, r in zip(prompts, responses)]
-        longest = max(c.tokens.size(1) for c in crosses)
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1 and \
-                any(c.tokens.size(1) != longest for c in crosses):
-            crosses = [build(p, r, pad_to_multiple_of=self.pad_to_multiple_of, seq_length=longest)
-                       for p, r in zip(prompts, responses)]
-        return [cross_to_batch(c) for c in crosses]
+        """One micro-batch per group, packed unless ``pack=False``; under PP all of one call share a shape
+        (megatron's fixed p2p shapes)."""
+        builds = [partial(build, p, r, pad_to_multiple_of=self.pad_to_multiple_of) for p, r in zip(prompts, responses)]
+        same = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        return [as_microbatch(c) for c in shaped_pairs(builds, self.pad_id, self.pad_to_multiple_of, same, self.pack)]
 
 
 def load_frozen_reference(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions, root: str,

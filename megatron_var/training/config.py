@@ -116,6 +116,9 @@ class DataConfig:
     """Run length in passes over the train split."""
     seed: int = 1234
     """Seeds weights (random init), data order and dropout."""
+    pack_sequences: bool = field(default=True, metadata={"negatable": True})
+    """Lay the policy's pairs of a micro-batch end to end in rows (each attends only to itself) instead of padding
+    every pair to the longest: the same numbers, less padding. Off with activation recomputation."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "global_batch_size"):

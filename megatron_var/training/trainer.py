@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_var.batching.steps import step_groups, step_start, uniform_microbatches
+from megatron_var.batching.steps import step_groups, step_start
 from megatron_var.checkpoint import io as checkpoint_io
 from megatron_var.checkpoint.layout import copy_hf_files, hf_dir
 from megatron_var.models.gpt import build_model_chunks
@@ -26,6 +26,7 @@ from megatron_var.objectives import ref_gap
 from megatron_var.objectives.objective import build_objective
 from megatron_var.runtime.engine import build_optimizer, run_schedule, sum_reports, sync_params, wrap_ddp
 from megatron_var.runtime.forward_step import make_forward_step
+from megatron_var.runtime.microbatches import policy_microbatches
 from megatron_var.runtime.parallel import process_groups
 from megatron_var.training import progress, run_dir
 from megatron_var.training.callbacks import Callback
@@ -80,6 +81,12 @@ class Trainer:
         # the reference's random init (then overwritten by its weights) must not shift the restored RNG streams
         checkpoint_io.restore_rng_state(rng)
         self._forward_step = make_forward_step(self.objective.reduce_fn(), self.arch.vocab_size)
+        # megatron's activation checkpoint saves its inputs with save_for_backward (tensors only): a SegmentMask
+        # cannot pass it, so recomputation trains on padded rows
+        self.pack = cfg.data.pack_sequences and cfg.model.recompute_granularity is None
+        if cfg.data.pack_sequences and not self.pack:
+            logger.info("sequence packing is off: --recompute-granularity %s needs plain (padded) micro-batches",
+                        cfg.model.recompute_granularity)
 
     def _position(self, state) -> None:
         """Where the run stands (iteration, consumed groups) and where it ends; the LR schedule at that point,
@@ -102,8 +109,8 @@ class Trainer:
         mbs = self.cfg.data.micro_batch_size
         micro = [groups[i:i + mbs] for i in range(0, len(groups), mbs)]
         t0 = time.perf_counter()
-        batches = uniform_microbatches(micro, PAD_ID, self._pad_multiple(),
-                                       same_length=self.cfg.parallel.pipeline_model_parallel_size > 1)
+        batches = policy_microbatches(micro, PAD_ID, self._pad_multiple(),
+                                      same_length=self.cfg.parallel.pipeline_model_parallel_size > 1, pack=self.pack)
         ref_values = self.reference.values(groups) if self.reference is not None else None
         extra = self.objective.attach(batches, micro, ref_values)
         for cb in self.callbacks:

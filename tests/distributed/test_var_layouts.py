@@ -20,7 +20,10 @@ from megatron_var.models.full_state import gather_full, load_full
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.objectives.var import var_weights
 from megatron_var.reference.online import FrozenReference
-from megatron_var.batching.steps import rewards_tensor, uniform_microbatches
+from megatron_var.batching.pairs import DOC_STRIDE
+from megatron_var.batching.steps import rewards_tensor
+from megatron_var.models.segment_mask import SegmentMask
+from megatron_var.runtime.microbatches import as_microbatch, policy_microbatches
 from megatron_var.runtime.engine import OptimConfig, run_schedule, sum_reports, wrap_ddp, install_schedule_hooks
 from megatron_var.objectives.alol import alol_advantages
 from megatron_var.objectives.reducers import alol_reduce, var_reduce
@@ -45,7 +48,8 @@ def _groups(vocab: int, seed: int = 3) -> list[Group]:
 
 
 def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", replicate: bool = False,
-              recompute: Optional[str] = None, objective: str = "var"):
+              recompute: Optional[str] = None, objective: str = "var", pack: bool = False,
+              merge_packed_docs: bool = False):
     arch = LLAMA
     options = ModelOptions(recompute_granularity=recompute)
     chunks = build_model_chunks(arch, pc, options)
@@ -62,7 +66,11 @@ def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", re
     mats = ref.score_cross_pairs([g.prompt_ids for g in groups], [g.response_ids for g in groups])
     diag = ref.score_diagonal([g.prompt_ids for g in groups], [g.response_ids for g in groups])
     micro = [groups[i:i + groups_per_micro] for i in range(0, len(groups), groups_per_micro)]
-    batches = uniform_microbatches(micro, 0, pad, same_length=pc.pipeline_model_parallel_size > 1)
+    batches = policy_microbatches(micro, 0, pad, same_length=pc.pipeline_model_parallel_size > 1, pack=pack)
+    if merge_packed_docs:  # negative control: packed rows whose sequences may attend to each other
+        for b in batches:
+            seg = b["cross"].attn_segments
+            b["attention_mask"] = SegmentMask(torch.where(seg >= 0, seg % DOC_STRIDE, -1))
     holder = mats is not None
     if holder:
         w = var_weights(torch.stack(mats), rewards_tensor(groups), LAM)
@@ -137,6 +145,33 @@ def test_var_step_is_layout_invariant(reference, name):
     assert err <= TOL, f"gradient {where}: rel err {err:.2e}"
 
 
+PACKED_LAYOUTS = {"tp1": dict(tp=1, pp=1), "tp2": dict(tp=2), "pp2": dict(pp=2), "tp2pp2": dict(tp=2, pp=2),
+                  "tp2sp": dict(tp=2, sp=True), "pp2vpp2": dict(pp=2, vpp=2)}
+
+
+@pytest.mark.parametrize("name", list(PACKED_LAYOUTS))
+def test_packed_policy_step_equals_padded(reference, name):
+    """Policy rows packed end to end (runtime.microbatches, the trainer's default) give the padded step's loss and
+    gradients in every layout; two groups per micro-batch so rows hold pairs of different groups (one under the
+    interleaved schedule, which needs at least PP micro-batches)."""
+    init, (ref_loss, _, _, _, ref_grads) = reference
+    with layout(**PACKED_LAYOUTS[name]) as pc:
+        per_micro = 1 if pc.virtual_pipeline_model_parallel_size else 2
+        loss, _, _, _, grads = _var_step(pc, init, groups_per_micro=per_micro, pack=True)
+    assert abs(loss - ref_loss) <= TOL * abs(ref_loss), (loss, ref_loss)
+    err, where = max_rel_err(grads, ref_grads)
+    assert err <= TOL, f"gradient {where}: rel err {err:.2e}"
+
+
+def test_packed_rows_need_their_doc_boundaries(reference):
+    """Negative control: the same packed rows with the boundaries between their sequences removed (each pair may
+    attend to the pairs before it in the row) give another loss."""
+    init, (ref_loss, *_) = reference
+    with layout(tp=1, pp=1) as pc:
+        loss, *_ = _var_step(pc, init, groups_per_micro=2, pack=True, merge_packed_docs=True)
+    assert abs(loss - ref_loss) > 1e-3 * abs(ref_loss), (loss, ref_loss)
+
+
 def test_shared_prefix_equals_naive_and_diagonal(reference):
     init, (_, ref_mats, ref_diag, _, _) = reference
     with layout(tp=2, pp=2) as pc:
@@ -161,12 +196,12 @@ def test_microbatch_split_invariance(reference):
 
 def _policy_diag(model, groups, vocab):
     from megatron_var.batching.pairs import build_diagonal
-    from megatron_var.reference.online import _matrix_reduce, cross_to_batch
+    from megatron_var.reference.online import _matrix_reduce
 
-    batches = [cross_to_batch(build_diagonal(g.prompt_ids, g.response_ids, 0)) for g in groups]
+    batches = [as_microbatch(build_diagonal(g.prompt_ids, g.response_ids, 0)) for g in groups]
     seq = max(b["tokens"].size(1) for b in batches)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        batches = [cross_to_batch(build_diagonal(g.prompt_ids, g.response_ids, 0, seq_length=seq)) for g in groups]
+        batches = [as_microbatch(build_diagonal(g.prompt_ids, g.response_ids, 0, seq_length=seq)) for g in groups]
     with torch.no_grad():
         reports = run_schedule(make_forward_step(_matrix_reduce("sum"), vocab), batches, model, forward_only=True,
                                seq_length=seq, micro_batch_size=GROUP)
@@ -193,7 +228,7 @@ def test_var_step_moves_policy_towards_high_weights(reference):
         ref = FrozenReference(ref_chunks, LLAMA.vocab_size, pad_id=0)
         mats = ref.score_cross_pairs([g.prompt_ids for g in groups], [g.response_ids for g in groups])
         before = _policy_diag(model, groups, LLAMA.vocab_size)
-        batches = uniform_microbatches([[g] for g in groups], 0, 1, same_length=True)
+        batches = policy_microbatches([[g] for g in groups], 0, 1, same_length=True, pack=False)
         box = [var_weights(torch.stack(mats), rewards_tensor(groups), LAM) if mats is not None else None]
         dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                    group=parallel_state.get_pipeline_model_parallel_group())
