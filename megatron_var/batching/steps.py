@@ -67,6 +67,26 @@ def policy_microbatch(groups: list, pad_id: int, pad_to_multiple_of: int = 1, se
             "attention_mask": None, "cross": d, "num_groups": len(groups)}
 
 
+def group_tokens(group) -> int:
+    """Σ |x_i| + |y_i|: the tokens of a group's policy rows without padding."""
+    return sum(len(x) + len(y) for x, y in zip(group.prompt_ids, group.response_ids))
+
+
+def split_by_tokens(groups: list, max_tokens: int) -> list[list]:
+    """Consecutive runs of whole groups with at most ``max_tokens`` policy tokens each (a larger group alone): the
+    micro-batches of ``--max-tokens-per-micro-batch``. Whole groups, so a DPO pair or a VAR group never splits."""
+    out: list[list] = []
+    used = 0
+    for g in groups:
+        n = group_tokens(g)
+        if not out or used + n > max_tokens:
+            out.append([])
+            used = 0
+        out[-1].append(g)
+        used += n
+    return out
+
+
 def rewards_tensor(groups: list) -> torch.Tensor:
     """[G, B, B] float32 reward matrices (the loader has already refused missing/non-finite ones)."""
     return torch.stack([torch.as_tensor(g.rewards, dtype=torch.float32) for g in groups])

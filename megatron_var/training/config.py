@@ -119,6 +119,9 @@ class DataConfig:
     pack_sequences: bool = field(default=True, metadata={"negatable": True})
     """Lay the policy's pairs of a micro-batch end to end in rows (each attends only to itself) instead of padding
     every pair to the longest: the same numbers, less padding. Off with activation recomputation."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Form policy micro-batches from whole groups of up to this many tokens each, packed into one row (instead
+    of --micro-batch-size groups padded); the VAR weights still see each whole group."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "global_batch_size"):
@@ -126,6 +129,13 @@ class DataConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError("--global-batch-size must be a multiple of --micro-batch-size")
+        if self.max_tokens_per_micro_batch is not None:
+            if self.max_tokens_per_micro_batch < 1:
+                raise ValueError(f"--max-tokens-per-micro-batch must be >= 1, got {self.max_tokens_per_micro_batch}")
+            if not self.pack_sequences:
+                raise ValueError("--max-tokens-per-micro-batch packs rows: it conflicts with --no-pack-sequences")
+            if self.micro_batch_size != 1:
+                raise ValueError("give one of --micro-batch-size and --max-tokens-per-micro-batch")
         given = [n for n in ("train_iters", "train_samples", "epochs") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of --train-iters, --train-samples and --epochs")
@@ -283,5 +293,8 @@ class TrainConfig:
             raise ValueError("give --load (a megatron_var checkpoint) or --model-arch (random init)")
         if self.reference.ref_cache and not self.objective.needs_reference:
             raise ValueError("--ref-cache needs --objective var, dpo or alol (SFT has no reference)")
+        if self.data.max_tokens_per_micro_batch and self.parallel.virtual_pipeline_model_parallel_size:
+            raise ValueError("--max-tokens-per-micro-batch varies the number of micro-batches; the interleaved "
+                             "schedule (--virtual-pipeline-model-parallel-size) needs a fixed one")
         if self.model.fp16 and not torch.cuda.is_available():
             raise ValueError("--fp16 needs a GPU (CPU runs use fp32 or --bf16)")

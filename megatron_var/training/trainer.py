@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_var.batching.steps import step_groups, step_start
+from megatron_var.batching.steps import split_by_tokens, step_groups, step_start
 from megatron_var.checkpoint import io as checkpoint_io
 from megatron_var.checkpoint.layout import copy_hf_files, hf_dir
 from megatron_var.models.gpt import build_model_chunks
@@ -106,11 +106,14 @@ class Trainer:
 
     def _run(self, groups: list, forward_only: bool) -> tuple[dict, float]:
         """Reference values + policy schedule over this rank's ``groups``; the global stats and the start time."""
-        mbs = self.cfg.data.micro_batch_size
-        micro = [groups[i:i + mbs] for i in range(0, len(groups), mbs)]
+        data = self.cfg.data
+        budget = data.max_tokens_per_micro_batch if self.pack else None
+        micro = split_by_tokens(groups, budget) if budget else \
+            [groups[i:i + data.micro_batch_size] for i in range(0, len(groups), data.micro_batch_size)]
         t0 = time.perf_counter()
         batches = policy_microbatches(micro, PAD_ID, self._pad_multiple(),
-                                      same_length=self.cfg.parallel.pipeline_model_parallel_size > 1, pack=self.pack)
+                                      same_length=self.cfg.parallel.pipeline_model_parallel_size > 1, pack=self.pack,
+                                      row_tokens=budget)
         ref_values = self.reference.values(groups) if self.reference is not None else None
         extra = self.objective.attach(batches, micro, ref_values)
         for cb in self.callbacks:

@@ -21,7 +21,7 @@ from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.objectives.var import var_weights
 from megatron_var.reference.online import FrozenReference
 from megatron_var.batching.pairs import DOC_STRIDE
-from megatron_var.batching.steps import rewards_tensor
+from megatron_var.batching.steps import rewards_tensor, split_by_tokens
 from megatron_var.models.segment_mask import SegmentMask
 from megatron_var.runtime.microbatches import as_microbatch, policy_microbatches
 from megatron_var.runtime.engine import OptimConfig, run_schedule, sum_reports, wrap_ddp, install_schedule_hooks
@@ -49,7 +49,7 @@ def _groups(vocab: int, seed: int = 3) -> list[Group]:
 
 def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", replicate: bool = False,
               recompute: Optional[str] = None, objective: str = "var", pack: bool = False,
-              merge_packed_docs: bool = False):
+              merge_packed_docs: bool = False, budget: Optional[int] = None):
     arch = LLAMA
     options = ModelOptions(recompute_granularity=recompute)
     chunks = build_model_chunks(arch, pc, options)
@@ -65,8 +65,10 @@ def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", re
     groups = dp_share(_groups(arch.vocab_size), replicate=replicate)
     mats = ref.score_cross_pairs([g.prompt_ids for g in groups], [g.response_ids for g in groups])
     diag = ref.score_diagonal([g.prompt_ids for g in groups], [g.response_ids for g in groups])
-    micro = [groups[i:i + groups_per_micro] for i in range(0, len(groups), groups_per_micro)]
-    batches = policy_microbatches(micro, 0, pad, same_length=pc.pipeline_model_parallel_size > 1, pack=pack)
+    micro = split_by_tokens(groups, budget) if budget else \
+        [groups[i:i + groups_per_micro] for i in range(0, len(groups), groups_per_micro)]
+    batches = policy_microbatches(micro, 0, pad, same_length=pc.pipeline_model_parallel_size > 1, pack=pack,
+                                  row_tokens=budget)
     if merge_packed_docs:  # negative control: packed rows whose sequences may attend to each other
         for b in batches:
             seg = b["cross"].attn_segments
@@ -158,6 +160,21 @@ def test_packed_policy_step_equals_padded(reference, name):
     with layout(**PACKED_LAYOUTS[name]) as pc:
         per_micro = 1 if pc.virtual_pipeline_model_parallel_size else 2
         loss, _, _, _, grads = _var_step(pc, init, groups_per_micro=per_micro, pack=True)
+    assert abs(loss - ref_loss) <= TOL * abs(ref_loss), (loss, ref_loss)
+    err, where = max_rel_err(grads, ref_grads)
+    assert err <= TOL, f"gradient {where}: rel err {err:.2e}"
+
+
+BUDGET_LAYOUTS = {"tp1": dict(tp=1, pp=1), "tp2pp2": dict(tp=2, pp=2), "tp2sp": dict(tp=2, sp=True)}
+
+
+@pytest.mark.parametrize("name", list(BUDGET_LAYOUTS))
+def test_token_budget_micro_batches_equal_padded(reference, name):
+    """--max-tokens-per-micro-batch: whole groups up to the budget per micro-batch, packed into one row (under
+    PP all micro-batches padded to one shape) give the padded step's loss and gradients."""
+    init, (ref_loss, _, _, _, ref_grads) = reference
+    with layout(**BUDGET_LAYOUTS[name]) as pc:
+        loss, _, _, _, grads = _var_step(pc, init, groups_per_micro=1, pack=True, budget=40)
     assert abs(loss - ref_loss) <= TOL * abs(ref_loss), (loss, ref_loss)
     err, where = max_rel_err(grads, ref_grads)
     assert err <= TOL, f"gradient {where}: rel err {err:.2e}"

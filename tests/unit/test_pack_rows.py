@@ -103,3 +103,18 @@ def test_rows_respect_capacity_and_fixed_row_count():
         pack_rows(packed, capacity=64, pad_id=0)
     with pytest.raises(ValueError, match="num_rows"):
         pack_rows(src, capacity=longest, pad_id=0, num_rows=1)
+
+
+def test_split_by_tokens_keeps_whole_groups_within_the_budget():
+    from types import SimpleNamespace
+
+    from megatron_var.batching.steps import group_tokens, split_by_tokens
+
+    def group(*lengths):  # pairs of (prompt, response) lengths
+        return SimpleNamespace(prompt_ids=[[1] * p for p, _ in lengths], response_ids=[[1] * r for _, r in lengths])
+
+    groups = [group((3, 2), (1, 1)), group((4, 4)), group((10, 5)), group((1, 1))]
+    assert [group_tokens(g) for g in groups] == [7, 8, 15, 2]
+    split = split_by_tokens(groups, 15)
+    assert [[group_tokens(g) for g in m] for m in split] == [[7, 8], [15], [2]]
+    assert [[group_tokens(g) for g in m] for m in split_by_tokens(groups, 5)] == [[7], [8], [15], [2]]
