@@ -65,6 +65,7 @@ import torch
 from bench.measure_steps import PAD_ID, VAR_LAMBDA, build_hf_model, free_device, guarded, sync
 from bench.presets import LENGTHS_TARGETS, PRESETS, Preset
 from megatron_var.batching.pairs import build_cross_pairs, build_diagonal
+from megatron_var.batching.steps import split_by_tokens
 from megatron_var.runtime.microbatches import policy_microbatches, shaped_pairs
 from megatron_var.data.formatting import fit_length
 from megatron_var.data.groups import Group, GroupDataset
@@ -224,7 +225,8 @@ class Tally:
 
 
 # ---- ours ---------------------------------------------------------------------------------------------------------
-def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, flex: bool, pack: bool = True) -> dict:
+def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, flex: bool, pack: bool = True,
+         budget: Optional[int] = None) -> dict:
     """SFT, VAR online (shared prefix), VAR cached and DPO steps through the package's own code paths, on one policy
     (megatron DDP + optimizer) and a frozen reference built from the policy's start weights."""
     from megatron_var.models.gpt import build_model_chunks
@@ -242,8 +244,9 @@ def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, fl
     def step(groups: list[Group], objective, forward_step, source: Optional[ReferenceSource]) -> dict:
         t0 = time.perf_counter()
         optimizer.zero_grad()
-        micro = [[g] for g in groups]
-        batches = policy_microbatches(micro, PAD_ID, 1, same_length=pc.pipeline_model_parallel_size > 1, pack=pack)
+        micro = split_by_tokens(groups, budget) if budget else [[g] for g in groups]
+        batches = policy_microbatches(micro, PAD_ID, 1, same_length=pc.pipeline_model_parallel_size > 1, pack=pack,
+                                      row_tokens=budget)
         ref_values = source.values(groups) if source is not None else None
         objective.attach(batches, micro, ref_values)
         sync()
@@ -485,6 +488,12 @@ def run_lengths_benchmark(preset_name: str, out_dir: Optional[Path], *, data: Op
     free_device()
     result["packed_vs_padded"] = packing_gain(result)
     write()
+    # --max-tokens-per-micro-batch: the step's groups in micro-batches of <= budget tokens, each one packed row
+    result["token_budget"] = preset.seq_length * 4
+    result["ours_token_budget"] = ours(arch, pc, options, steps, warmup, flex, pack=True,
+                                       budget=result["token_budget"])
+    free_device()
+    write()
     result["trl_style"] = trl_style(arch, steps, warmup, preset.trl_ref_rows)
     free_device()
     result["speedup_vs_trl_style"] = speedups(result)
@@ -517,11 +526,12 @@ def table(result: dict) -> str:
              f"{result['groups_per_step']} groups of {result['group_size']} per step, {result['counted_steps']} "
              "steps counted (means per step)", head]
     sp = result.get("speedup_vs_trl_style", {})
-    for side in ("ours", "ours_padded", "trl_style"):
+    for side in ("ours", "ours_token_budget", "ours_padded", "trl_style"):
         for method, entry in result.get(side, {}).items():
             if not isinstance(entry, dict):
                 continue
-            label = {"ours": "", "ours_padded": "padded ", "trl_style": "TRL-style "}[side] + method
+            label = {"ours": "", "ours_token_budget": "budget ", "ours_padded": "padded ",
+                     "trl_style": "TRL-style "}[side] + method
             if "error" in entry:
                 lines.append(f"{label:<22}  error: {entry['error'][:80]}")
                 continue
