@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from bench.measure_steps import PAD_ID, VAR_LAMBDA, build_hf_model, free_device, guarded, sync
-from bench.presets import LENGTHS_TARGETS, PRESETS, Preset
+from bench.presets import LENGTHS_TARGETS
 from megatron_var.batching.pairs import build_cross_pairs, build_diagonal
 from megatron_var.batching.steps import split_by_tokens
 from megatron_var.runtime.microbatches import policy_microbatches, shaped_pairs
@@ -422,26 +422,11 @@ def run_lengths_benchmark(preset_name: str, out_dir: Optional[Path], *, data: Op
                           iters: Optional[int] = None, warmup: Optional[int] = None, cpu_threads: int = 1) -> dict:
     """Draw the steps' groups, measure ours then the TRL-style step, write ``<preset>_<device>_lengths.json``
     after each part; returns the result dict."""
-    from bench.step_benchmark import device_name, device_slug
+    from bench.step_benchmark import device_name, device_slug, start_run
     from megatron_var.models.gpt import ModelOptions
-    from megatron_var.runtime import parallel
 
-    if preset_name not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset_name!r}")
-    preset: Preset = PRESETS[preset_name]
-    iters = iters or preset.iters
-    warmup = preset.warmup if warmup is None else warmup
-    cuda = torch.cuda.is_available()
-    flex = cuda if flex is None else flex
-    if flex and not cuda:
-        raise ValueError("--flex on needs a CUDA device (FlexAttention's fused kernel); use --flex auto on CPU")
-    if not cuda:
-        torch.set_num_threads(cpu_threads)
-    parallel.init_distributed()
-    pc = parallel.ParallelConfig()
-    parallel.init_model_parallel(pc)
-    parallel.seed_everything(1234)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    preset, pc, cuda, flex = start_run(preset_name, iters, warmup, flex, cpu_threads)
+    iters, warmup = preset.iters, preset.warmup
     arch = preset.arch
     n_groups = (warmup + iters) * preset.lengths_groups
     if data:

@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_var.batching.steps import policy_microbatch, rewards_tensor
+from megatron_var.batching.steps import rewards_tensor
+from megatron_var.runtime.microbatches import policy_microbatches
 from megatron_var.data.groups import Group
 from megatron_var.models.arch import ModelArch, hf_config_from_arch
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
@@ -232,12 +233,12 @@ def var_vs_sft(arch: ModelArch, pc, options: ModelOptions, refs: dict[str, Froze
         parts.setdefault(key + "/optimizer", []).append(time.perf_counter() - t1)
 
     def sft_step(select_positions: bool = True, key: str = "sft"):
-        policy_step(policy_microbatch([group], PAD_ID), sft_reduce, key, select_positions)
+        policy_step(one_microbatch([group]), sft_reduce, key, select_positions)
 
     def var_step(score: Callable[[], torch.Tensor], key: str):
         t0 = time.perf_counter()
         ref_bb = score()  # [B, B]
-        batch = policy_microbatch([group], PAD_ID)
+        batch = one_microbatch([group])
         batch["weights"] = var_weights(ref_bb[None], rewards, VAR_LAMBDA).reshape(-1)
         sync()
         parts.setdefault(key + "/reference", []).append(time.perf_counter() - t0)
@@ -271,3 +272,9 @@ def var_vs_sft(arch: ModelArch, pc, options: ModelOptions, refs: dict[str, Froze
                     out["sft"]["fwd_bwd_s"]
     del model, optimizer
     return out
+
+
+def one_microbatch(groups: list[Group]) -> dict:
+    """The policy micro-batch of ``groups`` as the trainer builds it, padded (these measurements compare fixed
+    shapes)."""
+    return policy_microbatches([groups], PAD_ID, 1, same_length=False, pack=False)[0]

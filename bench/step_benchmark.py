@@ -129,16 +129,11 @@ def _targets(result: dict) -> dict:
     return out
 
 
-def run_benchmark(preset_name: str, out_dir: Optional[Path] = RESULTS_DIR, *, flex: Optional[bool] = None,
-        transformer_impl: str = "local", iters: Optional[int] = None, warmup: Optional[int] = None,
-        cpu_threads: int = 1) -> dict:
-    """Run every measurement of ``preset_name`` in this process; returns (and writes) the result dict.
-
-    ``cpu_threads``: torch intra-op threads without CUDA. 1 by default: on a 2-core machine two OpenMP threads
-    next to gloo's made single timings 20× slower at random (0.02 s -> 0.9 s for the same step).
-    """
+def start_run(preset_name: str, iters: Optional[int], warmup: Optional[int], flex: Optional[bool],
+              cpu_threads: int) -> tuple[Preset, object, bool, bool]:
+    """The preset with the run's iteration counts, and this process set up as a one-rank megatron world (both
+    benchmarks start so): (preset, ParallelConfig, CUDA present, FlexAttention on)."""
     from megatron_var.runtime import parallel
-    from megatron_var.models.gpt import ModelOptions
 
     if preset_name not in PRESETS:
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset_name!r}")
@@ -156,6 +151,20 @@ def run_benchmark(preset_name: str, out_dir: Optional[Path] = RESULTS_DIR, *, fl
     parallel.init_model_parallel(pc)
     parallel.seed_everything(1234)
     torch.backends.cuda.matmul.allow_tf32 = True
+    return preset, pc, cuda, flex
+
+
+def run_benchmark(preset_name: str, out_dir: Optional[Path] = RESULTS_DIR, *, flex: Optional[bool] = None,
+        transformer_impl: str = "local", iters: Optional[int] = None, warmup: Optional[int] = None,
+        cpu_threads: int = 1) -> dict:
+    """Run every measurement of ``preset_name`` in this process; returns (and writes) the result dict.
+
+    ``cpu_threads``: torch intra-op threads without CUDA. 1 by default: on a 2-core machine two OpenMP threads
+    next to gloo's made single timings 20× slower at random (0.02 s -> 0.9 s for the same step).
+    """
+    from megatron_var.models.gpt import ModelOptions
+
+    preset, pc, cuda, flex = start_run(preset_name, iters, warmup, flex, cpu_threads)
     options = ModelOptions(params_dtype="bf16" if cuda else "fp32", transformer_impl=transformer_impl,
                            seq_length=max(preset.seq_length, preset.prompt_len + preset.group_size *
                                           (preset.response_len + 1)))

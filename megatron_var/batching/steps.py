@@ -59,14 +59,6 @@ def policy_pairs(groups: list, pad_id: int, pad_to_multiple_of: int = 1, seq_len
     return build_diagonal(prompts, responses, pad_id, pad_to_multiple_of=pad_to_multiple_of, seq_length=seq_length)
 
 
-def policy_microbatch(groups: list, pad_id: int, pad_to_multiple_of: int = 1, seq_length=None) -> dict:
-    """Unpacked rows [x_i; y_i] of ``groups`` as one schedule micro-batch (plain causal attention); the trainer's
-    micro-batches, packed or not, come from ``runtime.microbatches.policy_microbatches``."""
-    d = policy_pairs(groups, pad_id, pad_to_multiple_of, seq_length)
-    return {"tokens": d.tokens, "labels": d.labels, "loss_mask": d.loss_mask, "position_ids": None,
-            "attention_mask": None, "cross": d, "num_groups": len(groups)}
-
-
 def group_tokens(group) -> int:
     """Σ |x_i| + |y_i|: the tokens of a group's policy rows without padding."""
     return sum(len(x) + len(y) for x, y in zip(group.prompt_ids, group.response_ids))

@@ -43,7 +43,7 @@ def measure(cfg: dict, warm_up: bool = False) -> dict:
     from megatron_var.models.arch import ModelArch
     from megatron_var.models.gpt import ModelOptions, build_model_chunks
     from megatron_var.reference.online import FrozenReference
-    from megatron_var.batching.steps import policy_microbatch
+    from megatron_var.runtime.microbatches import policy_microbatches
     from megatron_var.runtime.engine import OptimConfig, build_optimizer, run_schedule, wrap_ddp
     from megatron_var.objectives.reducers import sft_reduce
     from megatron_var.runtime.forward_step import make_forward_step
@@ -79,7 +79,7 @@ def measure(cfg: dict, warm_up: bool = False) -> dict:
         ref.score_cross_pairs([gr.prompt_ids for gr in groups], [gr.response_ids for gr in groups])
 
     def policy_step():
-        batch = policy_microbatch(groups, 0, pad)
+        batch = policy_microbatches([groups], 0, pad, same_length=False, pack=False)[0]
         run_schedule(step, [batch], model, forward_only=False, seq_length=batch["tokens"].size(1),
                      micro_batch_size=batch["tokens"].size(0))
         optimizer.step()
