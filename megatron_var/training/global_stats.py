@@ -11,9 +11,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-
-def is_last_stage() -> bool:
-    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+from megatron_var.runtime.parallel import holds_results
 
 
 def global_stats(summed: dict, extra: dict, counts: dict[str, float], per_sample_prefixes: tuple[str, ...]) -> dict:
@@ -21,7 +19,7 @@ def global_stats(summed: dict, extra: dict, counts: dict[str, float], per_sample
     replica, average ``extra`` (per-replica means) over those replicas, and sum ``counts`` (token counts of this
     rank's micro-batches) over the first-stage TP-rank-0 ranks. Metrics under ``per_sample_prefixes`` are turned
     from sums into means per unit."""
-    holder = is_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    holder = holds_results()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         # only last-stage ranks have reports: every rank must all-reduce the same keys (and know which are means)
         summed, extra = _with_last_stage_keys(summed, extra)

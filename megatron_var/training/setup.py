@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from megatron_var.data.groups import EpochGroupings, GroupDataset
@@ -21,6 +20,7 @@ from megatron_var.reference import cache as reference_cache
 from megatron_var.reference.online import load_frozen_reference
 from megatron_var.reference.source import ReferenceSource, build_reference_source
 from megatron_var.checkpoint import io as checkpoint_io
+from megatron_var.checkpoint import layout
 from megatron_var.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -30,12 +30,8 @@ PAD_ID = 0
 
 def read_arch(cfg: TrainConfig) -> ModelArch:
     """The model's shape: from --load's model_arch.json, else from --model-arch."""
-    load = cfg.checkpoint.load
-    if load:
-        path = Path(load) / "model_arch.json"
-        if not path.exists():
-            raise ValueError(f"--load {load}: no model_arch.json (not a megatron_var checkpoint)")
-        return ModelArch.load(path)
+    if cfg.checkpoint.load:
+        return layout.read_arch(cfg.checkpoint.load)
     return ModelArch.load(cfg.model.model_arch)
 
 
