@@ -113,6 +113,5 @@ def load_frozen_reference(arch: ModelArch, parallel: ParallelConfig, options: Mo
     or the latest) through the shape-checked checkpoint loader."""
     chunks = build_model_chunks(arch, parallel, options, pg_collection)
     load_model(chunks, root, iteration)
-    pad_multiple = parallel.tensor_model_parallel_size if parallel.sequence_parallel else 1
     return FrozenReference(chunks, arch.vocab_size, pad_id, method=method, offload=offload,
-                           pad_to_multiple_of=pad_multiple)
+                           pad_to_multiple_of=parallel.sequence_multiple)

@@ -50,6 +50,11 @@ class ParallelConfig:
             self.sequence_parallel = False  # as Megatron-LM does: SP is meaningless without TP
 
     @property
+    def sequence_multiple(self) -> int:
+        """Rows must be a multiple of this many tokens: sequence parallelism splits the sequence over TP ranks."""
+        return self.tensor_model_parallel_size if self.sequence_parallel else 1
+
+    @property
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
 

@@ -100,10 +100,6 @@ class Trainer:
         self.scheduler = progress.build_scheduler(self.optimizer, self.plan, self.consumed, self.cfg.optimizer)
 
     # ---- one pass over a batch of groups -----------------------------------------------------------------
-    def _pad_multiple(self) -> int:
-        pc = self.cfg.parallel
-        return pc.tensor_model_parallel_size if pc.sequence_parallel else 1
-
     def _run(self, groups: list, forward_only: bool) -> tuple[dict, float]:
         """Reference values + policy schedule over this rank's ``groups``; the global stats and the start time."""
         data = self.cfg.data
@@ -111,7 +107,7 @@ class Trainer:
         micro = split_by_tokens(groups, budget) if budget else \
             [groups[i:i + data.micro_batch_size] for i in range(0, len(groups), data.micro_batch_size)]
         t0 = time.perf_counter()
-        batches = policy_microbatches(micro, PAD_ID, self._pad_multiple(),
+        batches = policy_microbatches(micro, PAD_ID, self.cfg.parallel.sequence_multiple,
                                       same_length=self.cfg.parallel.pipeline_model_parallel_size > 1, pack=self.pack,
                                       row_tokens=budget)
         ref_values = self.reference.values(groups) if self.reference is not None else None
