@@ -28,13 +28,18 @@ Per step (means over the counted steps; ratios are Σ over Σ):
   reference  VAR: real = the tokens of the shared-prefix rows without padding, Σ_i (|x_i| − 1 + Σ_j (|y_j| + 1)) per
              group (row i is x_i[:-1] and B segments [x_i[-1]; y_j]) — not the naive B² pairs' Σ_ij |x_i| + |y_j|,
              which is what a naive implementation computes, not what the step needs; computed = numel of the
-             reference rows run (``FrozenReference.last_computed_tokens``; padding included). DPO: the B diagonal
-             rows [x_i; y_i] (its real = the policy's). Cached: no reference pass in the step (0).
+             reference rows run (``FrozenReference.last_computed_tokens``; padding included): by default the rows
+             of all the step's groups packed together, with a token budget in one-row micro-batches of the budget.
+             DPO: the B diagonal rows [x_i; y_i] (its real = the policy's). Cached: no reference pass in the step
+             (0).
   time       the whole step, and its parts: reference values + attach, forward/backward, optimizer.
   model FLOPs the trainer's count (``training.throughput.step_flops`` over the computed tokens, attention at the
              policy micro-batches' mean row length).
 
 DPO runs on the same groups, each read as B/2 (chosen, rejected) pairs (its cost depends on the rows' lengths).
+
+Attention (``attention``, ``bench/packed_attention.py``): one layer's core attention over the same steps' policy
+micro-batches padded, packed and in token-budget rows (FlexAttention block masks on a GPU): time and score entries.
 
 TRL-style (``trl_style``): the VAR step as a transformers user writes it: policy and reference are two
 ``LlamaForCausalLM`` (SDPA; ``measure_steps.build_hf_model``, same ``ModelArch``, dtype: bf16 on GPU, fp32 on CPU);
@@ -50,7 +55,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from functools import partial
 import json
 import logging
 import math
@@ -64,9 +68,8 @@ import torch
 
 from bench.measure_steps import PAD_ID, VAR_LAMBDA, build_hf_model, free_device, guarded, sync
 from bench.presets import LENGTHS_TARGETS
-from megatron_var.batching.pairs import build_cross_pairs, build_diagonal
 from megatron_var.batching.steps import split_by_tokens
-from megatron_var.runtime.microbatches import policy_microbatches, shaped_pairs
+from megatron_var.runtime.microbatches import policy_microbatches
 from megatron_var.data.formatting import fit_length
 from megatron_var.data.groups import Group, GroupDataset
 from megatron_var.models.arch import ModelArch
@@ -184,16 +187,11 @@ def naive_pair_tokens(group: Group) -> int:
     return b * sum(len(x) for x in group.prompt_ids) + b * sum(len(y) for y in group.response_ids)
 
 
-def reference_counts(group: Group, kind: str, pack: bool = True) -> tuple[int, int]:
-    """(real, computed) tokens of ``group``'s reference rows as ``FrozenReference`` builds them (no model run)."""
-    if kind == "cross":
-        build = partial(build_cross_pairs, group.prompt_ids, group.response_ids, PAD_ID, method="shared_prefix")
-        real = shared_prefix_real_tokens(group)
-    else:
-        build = partial(build_diagonal, group.prompt_ids, group.response_ids, PAD_ID)
-        real = policy_real_tokens([group])
-    (rows,) = shaped_pairs([build], PAD_ID, 1, same_length=False, pack=pack)
-    return real, rows.tokens.numel()
+def reference_counts(frozen: FrozenReference, kind: str, groups: list[Group]) -> tuple[int, int]:
+    """(real, computed) tokens of the step's reference rows as ``frozen`` lays them out (no model run)."""
+    pairs, _ = frozen.microbatches(kind, [g.prompt_ids for g in groups], [g.response_ids for g in groups])
+    real = sum(shared_prefix_real_tokens(g) if kind == "cross" else policy_real_tokens([g]) for g in groups)
+    return real, sum(p.tokens.numel() for p in pairs)
 
 
 class Tally:
@@ -236,7 +234,8 @@ def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, fl
     ref_chunks = build_model_chunks(arch, pc, dataclasses.replace(options, flex_attention=flex))
     for rc, m in zip(ref_chunks, model):  # the reference = the policy's start weights (a run from scratch)
         rc.load_state_dict(m.module.state_dict())
-    frozen = FrozenReference(ref_chunks, arch.vocab_size, PAD_ID, method="shared_prefix", pack=pack)
+    frozen = FrozenReference(ref_chunks, arch.vocab_size, PAD_ID, method="shared_prefix", pack=pack,
+                             row_tokens=budget)
     objectives = {name: build_objective(ObjectiveConfig(name=name, var_lambda=VAR_LAMBDA, dpo_beta=DPO_BETA))
                   for name in ("sft", "var", "dpo")}
     gaps: list[float] = []
@@ -264,8 +263,7 @@ def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, fl
         ref_computed = source.computed_tokens if isinstance(source, OnlineReference) else 0
         ref_real = 0
         if isinstance(source, OnlineReference):
-            counts = [reference_counts(g, source.kind, source.frozen.pack) for g in groups]
-            ref_real, expected = sum(c[0] for c in counts), sum(c[1] for c in counts)
+            ref_real, expected = reference_counts(source.frozen, source.kind, groups)
             if ref_computed != expected:  # the counts reported describe what really ran
                 raise AssertionError(f"reference ran {ref_computed} tokens, its rows have {expected}")
         return {"step_s": t3 - t0, "reference_s": t1 - t0, "fwd_bwd_s": t2 - t1, "optimizer_s": t3 - t2,

@@ -25,6 +25,7 @@ rule covers both.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 from typing import Literal, Sequence
@@ -39,6 +40,9 @@ __all__ = [
     "build_diagonal",
     "build_cross_pairs",
     "pack_rows",
+    "flat_cells",
+    "concat_rows",
+    "split_cells",
     "DOC_STRIDE",
 ]
 
@@ -91,6 +95,15 @@ class PairBatch:
             for f in fields(self)
         }
         return PairBatch(**moved)
+
+    def take_rows(self, rows: torch.Tensor, seq_length: int | None = None) -> "PairBatch":
+        """The rows ``rows`` (indices), cut to ``seq_length`` columns (only padding may be cut), with the whole cell
+        space: their ``reduce`` is a partial sum over all cells."""
+        names = ("tokens", "labels", "loss_mask", "position_ids", "segment_index", "attn_segments")
+        cut = {n: getattr(self, n)[rows, :seq_length] for n in names}
+        if int((cut["attn_segments"] >= 0).sum()) != int((self.attn_segments[rows] >= 0).sum()):
+            raise ValueError(f"take_rows: seq_length {seq_length} cuts tokens")
+        return dataclasses.replace(self, **cut)
 
 
 DOC_STRIDE = 1 << 20
@@ -315,3 +328,34 @@ def pack_rows(batch: PairBatch, capacity: int, pad_id: int, pad_to_multiple_of: 
             at += n
     return PairBatch(**out, response_lengths=batch.response_lengths, matrix_shape=batch.matrix_shape,
                      block_masked=True)
+
+
+def flat_cells(batches: Sequence[PairBatch]) -> list[PairBatch]:
+    """Several groups' batches in one flat cell space: group k's cells follow those of groups 0..k-1, and every
+    batch carries the response lengths of all cells. Why: the reference packs the sequences of several groups into
+    shared rows; each micro-batch's ``reduce`` is then a partial sum over all the groups' cells (a mean too: each
+    part is divided by the whole cell's length), and ``split_cells`` cuts the summed vector back into matrices."""
+    sizes = [math.prod(b.matrix_shape) for b in batches]
+    lengths = torch.cat([b.response_lengths.reshape(-1) for b in batches])
+    out, offset = [], 0
+    for b, n in zip(batches, sizes):
+        index = torch.where(b.segment_index >= 0, b.segment_index + offset, -1)
+        out.append(dataclasses.replace(b, segment_index=index, response_lengths=lengths, matrix_shape=(sum(sizes),)))
+        offset += n
+    return out
+
+
+def concat_rows(batches: Sequence[PairBatch], pad_id: int) -> PairBatch:
+    """The rows of batches that share one cell space (``flat_cells``) as one batch, right-padded to the longest."""
+    s = max(b.tokens.size(1) for b in batches)
+    fill = {"tokens": pad_id, "labels": pad_id, "loss_mask": 0, "position_ids": 0, "segment_index": -1,
+            "attn_segments": -1}
+    cat = {name: torch.cat([torch.nn.functional.pad(getattr(b, name), (0, s - b.tokens.size(1)), value=v)
+                            for b in batches]) for name, v in fill.items()}
+    return dataclasses.replace(batches[0], **cat, block_masked=any(b.block_masked for b in batches))
+
+
+def split_cells(flat: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    """The flat cell vector of ``flat_cells`` cut back into one tensor of ``shapes[k]`` per group."""
+    parts = torch.split(flat, [math.prod(s) for s in shapes])
+    return [part.view(shape) for part, shape in zip(parts, shapes)]

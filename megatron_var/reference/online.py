@@ -16,13 +16,13 @@ from typing import Literal, Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
-from megatron_var.batching.pairs import PairBatch, build_cross_pairs, build_diagonal
+from megatron_var.batching.pairs import PairBatch, build_cross_pairs, build_diagonal, split_cells
 from megatron_var.checkpoint.io import load_model
 from megatron_var.models.arch import ModelArch
 from megatron_var.models.gpt import ModelOptions, build_model_chunks
 from megatron_var.runtime.engine import run_schedule
 from megatron_var.runtime.forward_step import make_forward_step
-from megatron_var.runtime.microbatches import as_microbatch, shaped_pairs
+from megatron_var.runtime.microbatches import as_microbatch, reference_pairs
 from megatron_var.runtime.parallel import ParallelConfig
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class FrozenReference:
 
     def __init__(self, chunks: list[torch.nn.Module], vocab_size: int, pad_id: int, *,
                  method: Method = "shared_prefix", offload: bool = False, pad_to_multiple_of: int = 1,
-                 pack: bool = True):
+                 pack: bool = True, row_tokens: Optional[int] = None):
         self.chunks = chunks
         self.vocab_size = vocab_size
         self.pad_id = pad_id
@@ -53,7 +53,10 @@ class FrozenReference:
         self.offload = offload and torch.cuda.is_available()
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pack = pack
-        """Pack each group's rows (``runtime.microbatches``); the matrices are the same either way."""
+        """Pack the groups' rows together (``runtime.microbatches.reference_pairs``); the matrices are the same
+        either way."""
+        self.row_tokens = row_tokens
+        """Packed rows of up to this many tokens, one per micro-batch (``--max-tokens-per-micro-batch``)."""
         for chunk in chunks:
             chunk.eval()
             for p in chunk.parameters():
@@ -68,7 +71,10 @@ class FrozenReference:
             chunk.to(device)
 
     @torch.no_grad()
-    def _score(self, batches: list[dict], reduction: str) -> Optional[list[torch.Tensor]]:
+    def _score(self, built: tuple[list[PairBatch], list[tuple[int, ...]]], reduction: str
+               ) -> Optional[list[torch.Tensor]]:
+        pairs, shapes = built
+        batches = [as_microbatch(p) for p in pairs]
         if self.offload:
             self._move(torch.cuda.current_device())
         self.last_computed_tokens = sum(b["tokens"].numel() for b in batches)
@@ -82,36 +88,44 @@ class FrozenReference:
                 self._move("cpu")
         if not reports:  # not the last pipeline stage
             return None
-        return [r["matrix"].float().cpu() for r in reports]
+        # each micro-batch reduced its rows over the flat cells of all groups: the sum is every cell's value
+        return split_cells(sum(r["matrix"].float().cpu() for r in reports), shapes)
 
     def score_cross_pairs(self, prompts: Sequence[Sequence[Sequence[int]]],
                           responses: Sequence[Sequence[Sequence[int]]], reduction: str = "sum"
                           ) -> Optional[list[torch.Tensor]]:
-        """[B, B] matrices log pi_ref(y_j | x_i), one per group (one micro-batch each); None off the last stage."""
-        return self._score(self._build(lambda p, r, **kw: build_cross_pairs(p, r, self.pad_id, method=self.method,
-                                                                            **kw), prompts, responses), reduction)
+        """[B, B] matrices log pi_ref(y_j | x_i), one per group; None off the last stage."""
+        return self._score(self.microbatches("cross", prompts, responses), reduction)
 
     def score_diagonal(self, prompts: Sequence[Sequence[Sequence[int]]],
                        responses: Sequence[Sequence[Sequence[int]]], reduction: str = "sum"
                        ) -> Optional[list[torch.Tensor]]:
         """[B] vectors log pi_ref(y_i | x_i), one per group (DPO's reference); None off the last stage."""
-        return self._score(self._build(lambda p, r, **kw: build_diagonal(p, r, self.pad_id, **kw),
-                                       prompts, responses), reduction)
+        return self._score(self.microbatches("diagonal", prompts, responses), reduction)
 
-    def _build(self, build, prompts, responses) -> list[dict]:
-        """One micro-batch per group, packed unless ``pack=False``; under PP all of one call share a shape
+    def microbatches(self, kind: Literal["cross", "diagonal"], prompts, responses
+                     ) -> tuple[list[PairBatch], list[tuple[int, ...]]]:
+        """The rows a scoring call runs (``runtime.microbatches.reference_pairs``: the groups' sequences packed
+        together unless ``pack=False``) and each group's matrix shape; under PP all of one call share a shape
         (megatron's fixed p2p shapes)."""
+        if kind == "cross":
+            def build(p, r, **kw):
+                return build_cross_pairs(p, r, self.pad_id, method=self.method, **kw)
+        else:
+            def build(p, r, **kw):
+                return build_diagonal(p, r, self.pad_id, **kw)
         builds = [partial(build, p, r, pad_to_multiple_of=self.pad_to_multiple_of) for p, r in zip(prompts, responses)]
         same = parallel_state.get_pipeline_model_parallel_world_size() > 1
-        return [as_microbatch(c) for c in shaped_pairs(builds, self.pad_id, self.pad_to_multiple_of, same, self.pack)]
+        return reference_pairs(builds, self.pad_id, self.pad_to_multiple_of, same, self.pack, self.row_tokens)
 
 
 def load_frozen_reference(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions, root: str,
                           iteration: Optional[int], *, pad_id: int, method: Method = "shared_prefix",
-                          offload: bool = False, pg_collection=None) -> FrozenReference:
+                          offload: bool = False, pg_collection=None, pack: bool = True,
+                          row_tokens: Optional[int] = None) -> FrozenReference:
     """Build model chunks in this rank's layout and load the reference weights from ``root`` (its ``iteration``,
     or the latest) through the shape-checked checkpoint loader."""
     chunks = build_model_chunks(arch, parallel, options, pg_collection)
     load_model(chunks, root, iteration)
     return FrozenReference(chunks, arch.vocab_size, pad_id, method=method, offload=offload,
-                           pad_to_multiple_of=parallel.sequence_multiple)
+                           pad_to_multiple_of=parallel.sequence_multiple, pack=pack, row_tokens=row_tokens)

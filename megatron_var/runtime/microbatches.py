@@ -16,7 +16,9 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable, Optional
 
-from megatron_var.batching.pairs import PairBatch, pack_rows
+import torch
+
+from megatron_var.batching.pairs import PairBatch, concat_rows, flat_cells, pack_rows
 from megatron_var.batching.steps import policy_pairs
 from megatron_var.models.segment_mask import SegmentMask
 
@@ -36,6 +38,41 @@ def policy_microbatches(micro_groups: list[list], pad_id: int, pad_to_multiple_o
     builds = [partial(policy_pairs, g, pad_id, pad_to_multiple_of) for g in micro_groups]
     pairs = shaped_pairs(builds, pad_id, pad_to_multiple_of, same_length, pack, row_tokens)
     return [dict(as_microbatch(p), num_groups=len(g)) for p, g in zip(pairs, micro_groups)]
+
+
+def reference_pairs(builds: list[Callable[..., PairBatch]], pad_id: int, pad_to_multiple_of: int,
+                    same_length: bool, pack: bool = True, row_tokens: Optional[int] = None
+                    ) -> tuple[list[PairBatch], list[tuple[int, ...]]]:
+    """The reference's micro-batches for several groups (``builds[k]()`` builds group k's rows) in one flat cell
+    space (``batching.pairs.flat_cells``), and each group's matrix shape (``split_cells``).
+
+    Packed: the sequences of all the groups share rows, up to ``row_tokens`` tokens each
+    (``--max-tokens-per-micro-batch``; one row per micro-batch) or as many as the longest sequence (micro-batches
+    of as many rows as the largest group has: no micro-batch holds more tokens than that group padded to the
+    longest). Why across groups: a group's shared-prefix rows differ only by prompt length, so within one group
+    none fits next to another and each row is padded to the longest; across a step's groups the rows' lengths mix.
+    Unpacked: one micro-batch per group (``shaped_pairs``). ``same_length``: one shape for all (pipeline
+    parallelism)."""
+    if not pack:
+        groups = shaped_pairs(builds, pad_id, pad_to_multiple_of, same_length, pack=False)
+        return flat_cells(groups), [g.matrix_shape for g in groups]
+    groups = [build() for build in builds]
+    rows = concat_rows(flat_cells(groups), pad_id)
+    capacity = max(int((rows.attn_segments >= 0).sum(dim=1).max()), row_tokens or 0)
+    per_micro = 1 if row_tokens else max(g.tokens.size(0) for g in groups)
+    packed = pack_rows(rows, capacity, pad_id, pad_to_multiple_of)
+    if same_length and packed.tokens.size(0) % per_micro:
+        packed = pack_rows(rows, capacity, pad_id, pad_to_multiple_of,
+                           num_rows=-(-packed.tokens.size(0) // per_micro) * per_micro)
+    # rows of similar length share a micro-batch, padded only to its own longest (all to one length under PP)
+    fill = (packed.attn_segments >= 0).sum(dim=1)
+    order = torch.argsort(fill, descending=True, stable=True)
+    micro = []
+    for k in range(0, len(order), per_micro):
+        take = order[k:k + per_micro]
+        length = None if same_length else -(-int(fill[take].max()) // pad_to_multiple_of) * pad_to_multiple_of
+        micro.append(packed.take_rows(take, length))
+    return micro, [g.matrix_shape for g in groups]
 
 
 def shaped_pairs(builds: list[Callable[..., PairBatch]], pad_id: int, pad_to_multiple_of: int, same_length: bool,

@@ -118,10 +118,12 @@ class DataConfig:
     """Seeds weights (random init), data order and dropout."""
     pack_sequences: bool = field(default=True, metadata={"negatable": True})
     """Lay the policy's pairs of a micro-batch end to end in rows (each attends only to itself) instead of padding
-    every pair to the longest: the same numbers, less padding. Off with activation recomputation."""
+    every pair to the longest: the same numbers, less padding; the reference's rows of a step's groups likewise.
+    The policy's is off with activation recomputation."""
     max_tokens_per_micro_batch: Optional[int] = None
     """Form policy micro-batches from whole groups of up to this many tokens each, packed into one row (instead
-    of --micro-batch-size groups padded); the VAR weights still see each whole group."""
+    of --micro-batch-size groups padded); the VAR weights still see each whole group. The reference packs its
+    rows of the step's groups into micro-batches of one row of up to this many tokens."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "global_batch_size"):

@@ -107,7 +107,8 @@ def build_reference(cfg: TrainConfig, arch: ModelArch, options: ModelOptions, ob
     def load_frozen():
         return load_frozen_reference(arch, cfg.parallel, options, origin["root"], origin["iteration"], pad_id=PAD_ID,
                                      method=ref.cross_pair_method, offload=ref.ref_offload,
-                                     pg_collection=pg_collection)
+                                     pg_collection=pg_collection, pack=cfg.data.pack_sequences,
+                                     row_tokens=cfg.data.max_tokens_per_micro_batch)
 
     if not ref.ref_cache:
         return build_reference_source(objective.reference_kind, reduction, load_frozen)

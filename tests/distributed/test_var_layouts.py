@@ -1,4 +1,5 @@
-"""The VAR step is layout-invariant: the frozen reference's [B, B] cross-pair matrices, the weights, the loss and
+"""The VAR step is layout-invariant: the frozen reference's [B, B] cross-pair matrices (packed rows of all groups,
+the default, vs one padded micro-batch per group at TP=1), the weights, the loss and
 the policy gradients are the same at TP=1/PP=1 as at TP=2, PP=2, TP=2×PP=2, DP=4, and in the layouts the examples
 use: TP=2 with sequence parallelism, interleaved PP=2×VPP=2, and full and selective activation recomputation (each
 with shared-prefix scoring); shared-prefix scoring equals
@@ -49,7 +50,7 @@ def _groups(vocab: int, seed: int = 3) -> list[Group]:
 
 def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", replicate: bool = False,
               recompute: Optional[str] = None, objective: str = "var", pack: bool = False,
-              merge_packed_docs: bool = False, budget: Optional[int] = None):
+              merge_packed_docs: bool = False, budget: Optional[int] = None, ref_pack: bool = True):
     arch = LLAMA
     options = ModelOptions(recompute_granularity=recompute)
     chunks = build_model_chunks(arch, pc, options)
@@ -61,7 +62,8 @@ def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", re
     ref_chunks = build_model_chunks(arch, pc, options)
     load_full(ref_chunks, init)
     pad = pc.tensor_model_parallel_size if pc.sequence_parallel else 1  # SP splits the sequence over TP
-    ref = FrozenReference(ref_chunks, arch.vocab_size, pad_id=0, method=method, pad_to_multiple_of=pad)
+    ref = FrozenReference(ref_chunks, arch.vocab_size, pad_id=0, method=method, pad_to_multiple_of=pad,
+                          pack=ref_pack, row_tokens=budget)
     groups = dp_share(_groups(arch.vocab_size), replicate=replicate)
     mats = ref.score_cross_pairs([g.prompt_ids for g in groups], [g.response_ids for g in groups])
     diag = ref.score_diagonal([g.prompt_ids for g in groups], [g.response_ids for g in groups])
@@ -122,7 +124,7 @@ def _var_step(pc, init, groups_per_micro: int, method: str = "shared_prefix", re
 def reference():
     with layout(1, 1) as pc:
         init = gather_full(build_model_chunks(LLAMA, pc, ModelOptions()))
-        res = _var_step(pc, init, groups_per_micro=1, replicate=True)
+        res = _var_step(pc, init, groups_per_micro=1, replicate=True, ref_pack=False)  # one padded group per row
     return init, res
 
 
@@ -171,10 +173,12 @@ BUDGET_LAYOUTS = {"tp1": dict(tp=1, pp=1), "tp2pp2": dict(tp=2, pp=2), "tp2sp": 
 @pytest.mark.parametrize("name", list(BUDGET_LAYOUTS))
 def test_token_budget_micro_batches_equal_padded(reference, name):
     """--max-tokens-per-micro-batch: whole groups up to the budget per micro-batch, packed into one row (under
-    PP all micro-batches padded to one shape) give the padded step's loss and gradients."""
-    init, (ref_loss, _, _, _, ref_grads) = reference
+    PP all micro-batches padded to one shape) give the padded step's loss and gradients; the reference's rows of
+    all groups packed into one-row micro-batches of the budget give the padded matrices."""
+    init, (ref_loss, ref_mats, _, _, ref_grads) = reference
     with layout(**BUDGET_LAYOUTS[name]) as pc:
-        loss, _, _, _, grads = _var_step(pc, init, groups_per_micro=1, pack=True, budget=40)
+        loss, mats, _, _, grads = _var_step(pc, init, groups_per_micro=1, pack=True, budget=40)
+    assert torch.allclose(mats, ref_mats, rtol=TOL, atol=0), (mats - ref_mats).abs().max()
     assert abs(loss - ref_loss) <= TOL * abs(ref_loss), (loss, ref_loss)
     err, where = max_rel_err(grads, ref_grads)
     assert err <= TOL, f"gradient {where}: rel err {err:.2e}"

@@ -118,3 +118,59 @@ def test_split_by_tokens_keeps_whole_groups_within_the_budget():
     split = split_by_tokens(groups, 15)
     assert [[group_tokens(g) for g in m] for m in split] == [[7, 8], [15], [2]]
     assert [[group_tokens(g) for g in m] for m in split_by_tokens(groups, 5)] == [[7], [8], [15], [2]]
+
+
+@pytest.mark.parametrize("kind", ["shared_prefix", "naive", "diagonal"])
+@pytest.mark.parametrize("row_tokens", [None, 90])
+@pytest.mark.parametrize("same_length", [False, True])
+def test_reference_rows_of_several_groups_reduce_to_each_groups_matrix(kind, row_tokens, same_length):
+    """runtime.microbatches.reference_pairs packs the rows of several groups (of different sizes) together: the
+    partial reductions of its micro-batches, summed and split, are each group's own matrix (sum and mean), each
+    token is computed once, micro-batches hold one row of <= max(row_tokens, longest) tokens (budget) or no more
+    rows than the largest group, and under same_length all share one shape."""
+    from functools import partial
+
+    from megatron_var.batching.pairs import build_cross_pairs, split_cells
+    from megatron_var.runtime.microbatches import reference_pairs
+
+    g = torch.Generator().manual_seed(5)
+    sizes = [3, 4, 2, 4, 3]
+    inputs = [(_ragged(b, 2, 25, g), _ragged(b, 1, 20, g)) for b in sizes]
+    build = build_diagonal if kind == "diagonal" else partial(build_cross_pairs, method=kind)
+    builds = [partial(build, p, r, 0, pad_to_multiple_of=4) for p, r in inputs]
+    alone = [b() for b in builds]
+    micro, shapes = reference_pairs(builds, 0, 4, same_length, pack=True, row_tokens=row_tokens)
+    assert shapes == [a.matrix_shape for a in alone]
+    # a token log-prob that depends only on what packing must keep: the label, its position and its cell's group
+    def logps(b):
+        return (b.labels * 0.01 + b.position_ids * 0.001).double()
+    for reduction in ("sum", "mean"):
+        total = sum(m.reduce(logps(m), reduction) for m in micro)
+        for got, a in zip(split_cells(total, shapes), alone):
+            torch.testing.assert_close(got, a.reduce(logps(a), reduction), rtol=1e-12, atol=1e-12)
+    real = sum(int((a.attn_segments >= 0).sum()) for a in alone)
+    assert sum(int((m.attn_segments >= 0).sum()) for m in micro) == real
+    longest = max(int((a.attn_segments >= 0).sum(1).max()) for a in alone)
+    if row_tokens:
+        assert all(m.tokens.size(0) == 1 for m in micro)
+        assert max(int((m.attn_segments >= 0).sum()) for m in micro) <= max(row_tokens, longest)
+    else:
+        assert max(m.tokens.size(0) for m in micro) <= max(a.tokens.size(0) for a in alone)
+    assert all(m.tokens.size(1) % 4 == 0 for m in micro)
+    if same_length:
+        assert len({m.tokens.shape for m in micro}) == 1
+    # unpacked (--no-pack-sequences): one micro-batch per group, in the same flat cell space
+    unpacked, _ = reference_pairs(builds, 0, 4, same_length, pack=False)
+    assert len(unpacked) == len(alone)
+    total = sum(m.reduce(logps(m), "mean") for m in unpacked)
+    for got, a in zip(split_cells(total, shapes), alone):
+        torch.testing.assert_close(got, a.reduce(logps(a), "mean"), rtol=1e-12, atol=1e-12)
+    # on these groups: no more computed tokens than each group packed on its own or padded, and fewer unless all
+    # micro-batches are held to one shape with rows no longer than the longest sequence (then none pair up here)
+    from megatron_var.runtime.microbatches import shaped_pairs
+    per_group = shaped_pairs(builds, 0, 4, same_length, pack=True, row_tokens=row_tokens)
+    computed = sum(m.tokens.numel() for m in micro)
+    baselines = [sum(m.tokens.numel() for m in per_group), sum(m.tokens.numel() for m in unpacked)]
+    assert all(computed <= b for b in baselines)
+    if row_tokens or not same_length:
+        assert all(computed < b for b in baselines), (computed, baselines)
