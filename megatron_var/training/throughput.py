@@ -61,6 +61,12 @@ def step_flops(arch: ModelArch, computed_tokens: float, ref_computed_tokens: flo
     return train_flops(arch, computed_tokens, seq_length) + forward_flops(arch, ref_computed_tokens, seq_length)
 
 
+def real_tokens(batches: list[dict]) -> int:
+    """Tokens of the micro-batches' sequences, padding excluded. Read from the pairs' ``attn_segments`` (-1 marks
+    padding), not from the token ids: the pad id 0 is a real token in Llama-3's vocabulary."""
+    return sum(int((b["cross"].attn_segments >= 0).sum()) for b in batches)
+
+
 def mean_row_length(batches: list) -> Optional[float]:
     """Σ rows·seq² / Σ rows·seq over micro-batches (``tokens`` [rows, seq] each): the row length that makes
     ``train_flops(tokens, ·)`` count Σ seq² of attention, as Megatron-LM's ``seqlen_squared_sum``."""

@@ -37,6 +37,7 @@ from megatron_var.training.logging_sinks import check_wandb
 from megatron_var.training.setup import (PAD_ID, build_reference, load_data, read_arch, reference_origin,
                                          restore)
 from megatron_var.training.standard_callbacks import default_callbacks
+from megatron_var.training.throughput import real_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class Trainer:
         extra = self.objective.attach(batches, micro, ref_values)
         for cb in self.callbacks:
             cb.on_batches(self, batches, forward_only)
-        counts = {"tokens": sum(int((b["tokens"] != PAD_ID).sum()) for b in batches),
+        counts = {"tokens": real_tokens(batches),
                   "computed_tokens": sum(b["tokens"].numel() for b in batches),
                   "ref_computed_tokens": self.reference.computed_tokens if self.reference is not None else 0}
         reports = run_schedule(self._forward_step, batches, self.model, forward_only=forward_only,

@@ -122,3 +122,17 @@ def test_peak_memory_cpu_is_the_processes_peak_rss():
     held = bytearray(64 * 1024 * 1024)  # noqa: F841 (64 MiB resident while measured)
     held[::4096] = b"x" * len(held[::4096])
     assert T.peak_memory_bytes(on_gpu=False) >= 64 * 1024 * 1024
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_real_tokens_counts_token_id_zero_and_not_padding(pack):
+    """Id 0 is the pad id and a real token in Llama-3's vocabulary: the count follows the rows' layout, not ids."""
+    from types import SimpleNamespace
+
+    from megatron_var.runtime.microbatches import policy_microbatches
+
+    prompts, responses = [[0, 5, 0], [7], [3, 0, 0, 0, 2]], [[0], [9, 0, 4], [1, 1]]
+    group = SimpleNamespace(prompt_ids=prompts, response_ids=responses)
+    batches = policy_microbatches([[group]], 0, 4, same_length=False, pack=pack)
+    assert batches[0]["tokens"].numel() > 15  # padding is there to be left out
+    assert T.real_tokens(batches) == sum(map(len, prompts)) + sum(map(len, responses)) == 15
