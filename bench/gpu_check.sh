@@ -7,7 +7,8 @@
 #   (b) matrices  [B, B]: FlexAttention shared prefix vs dense shared prefix vs naive, fp32 and bf16
 #   (c) bench     tools/bench.py --preset llama3.2-1b (policy vs transformers, VAR/SFT, shared prefix vs naive)
 #   (d) lengths   only with --parts ...,lengths: tools/bench.py --preset llama3.2-1b --lengths (lognormal lengths,
-#                 real vs computed tokens, our VAR step vs a TRL-style one); limit 150 s, outside the 6-minute budget
+#                 real vs computed tokens, our VAR step vs a TRL-style one, packed attention); limit 180 s,
+#                 outside the 6-minute budget
 # Limits 90 + 60 + 180 s: under 6 minutes. --dry-run: tiny shapes, CPU without a GPU (< 1 minute; tested in the suite).
 # Usage: bash bench/gpu_check.sh OUT_DIR [--dry-run] [--limit PART=SECONDS] [--parts train,matrices,bench,lengths]
 set -uo pipefail

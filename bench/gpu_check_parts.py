@@ -9,7 +9,8 @@ matrices  one group's [B, B] matrix by shared prefix with FlexAttention, shared 
           naive rows, in fp32 and bf16: largest relative differences (same weights).
 bench     ``tools/bench.py``'s llama3.2-1b preset (policy vs transformers, VAR vs SFT, shared prefix vs naive).
 lengths   ``tools/bench.py --preset llama3.2-1b --lengths`` (lognormal lengths: real vs computed tokens of SFT, VAR
-          online/cached and DPO steps, our VAR step vs the TRL-style one); not in the default parts (time budget).
+          online/cached and DPO steps, our VAR step vs the TRL-style one, core attention time of padded vs packed
+          rows with FlexAttention block masks); not in the default parts (time budget).
 
 ``--dry-run``: tiny shapes, on the CPU when there is no GPU (FlexAttention then runs eagerly): the whole check in
 well under a minute, so the orchestration is tested in the suite; the numbers mean nothing.
@@ -131,7 +132,8 @@ def part_lengths(out: Path, dry_run: bool) -> dict:
                                            ("trl_style", ("var_online", "var_cached"))) for m in ms]
     return {"preset": preset, "written_to": r.get("written_to"), "speedup_vs_trl_style": r["speedup_vs_trl_style"],
             "ours_var_online_ref_policy_logp_gap_step1": r["ours"]["var_online"].get("ref_policy_logp_gap_step1"),
-            "ok": all("error" not in e for e in entries)}
+            "attention": {k: r["attention"].get(k) for k in ("kernel", "padded_over_packed", "padded_over_token_budget")},
+            "ok": all("error" not in e for e in entries) and "padded_over_packed" in r["attention"]}
 
 
 PARTS = {"train": part_train, "matrices": part_matrices, "bench": part_bench, "lengths": part_lengths}

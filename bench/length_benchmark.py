@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from bench.measure_steps import PAD_ID, VAR_LAMBDA, build_hf_model, free_device, guarded, sync
+from bench.packed_attention import packed_attention
 from bench.presets import LENGTHS_TARGETS
 from megatron_var.batching.steps import split_by_tokens
 from megatron_var.runtime.microbatches import policy_microbatches
@@ -477,6 +478,10 @@ def run_lengths_benchmark(preset_name: str, out_dir: Optional[Path], *, data: Op
                                        budget=result["token_budget"])
     free_device()
     write()
+    result["attention"] = packed_attention(arch, steps, warmup, result["token_budget"], flex,
+                                           torch.bfloat16 if cuda else torch.float32)
+    free_device()
+    write()
     result["trl_style"] = trl_style(arch, steps, warmup, preset.trl_ref_rows)
     free_device()
     result["speedup_vs_trl_style"] = speedups(result)
@@ -525,6 +530,12 @@ def table(result: dict) -> str:
                          f"{f(pol['computed_over_real'], '.2f'):>6}{ref['real_tokens']:>10.0f}"
                          f"{ref['computed_tokens']:>10.0f}{f(ref['computed_over_real'], '.2f'):>6}"
                          f"{f(speed, '.2f'):>16}")
+    att = result.get("attention", {})
+    if "padded_over_packed" in att:
+        lines.append("core attention per step (fwd+bwd, one layer): " + ", ".join(
+            f"{n} {att[n]['ms_per_step']:.2f} ms" for n in ("padded", "packed", "token_budget")) +
+            f"; padded/packed {att['padded_over_packed']:.2f}x, padded/budget {att['padded_over_token_budget']:.2f}x"
+            f" ({att['kernel']['packed']})")
     return "\n".join(lines)
 
 

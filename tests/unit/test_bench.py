@@ -88,6 +88,13 @@ def test_lengths_preset_reports_consistent_numbers(tmp_path):
         sp = out["speedup_vs_trl_style"][mode]
         assert sp["value"] == pytest.approx(out["trl_style"]["var_" + mode]["step_s"] /
                                             out["ours"]["var_" + mode]["step_s"], rel=1e-12)
+    # the attention part times the same micro-batches as the steps: same tokens, same needed score entries
+    att = out["attention"]
+    for layout, side in (("padded", "ours_padded"), ("packed", "ours"), ("token_budget", "ours_token_budget")):
+        assert att[layout]["computed_tokens"] == out[side]["sft"]["policy"]["computed_tokens"], layout
+        assert att[layout]["row_score_entries"] >= att[layout]["needed_score_entries"] > 0
+        assert att[layout]["needed_score_entries"] == att["packed"]["needed_score_entries"]
+    assert att["padded_over_packed"] == pytest.approx(att["padded"]["ms_per_step"] / att["packed"]["ms_per_step"])
 
 
 def test_length_distribution_and_token_counts():
@@ -107,6 +114,21 @@ def test_length_distribution_and_token_counts():
         assert all(len(x) + len(y) <= 64 for x, y in zip(g.prompt_ids, g.response_ids))
         rows = build_shared_prefix(g.prompt_ids, g.response_ids, pad_id=0)
         assert shared_prefix_real_tokens(g) == int((rows.attn_segments >= 0).sum())
+
+
+def test_score_entries_count_rows_and_sequences():
+    """Causal score entries by hand: padded rows S(S+1)/2 each; the sequences alone l(l+1)/2 each, packed or not."""
+    from types import SimpleNamespace
+
+    from bench.packed_attention import score_entries
+    from megatron_var.runtime.microbatches import policy_microbatches
+
+    group = SimpleNamespace(prompt_ids=[[5] * 3, [6] * 1, [7] * 2], response_ids=[[1] * 4, [2] * 2, [3] * 1])
+    needed = 7 * 8 // 2 + 3 * 4 // 2 + 3 * 4 // 2  # lengths 7, 3, 3
+    (padded,) = policy_microbatches([[group]], 0, 1, same_length=False, pack=False)
+    assert score_entries(padded) == (3 * 7 * 8 // 2, needed)
+    (packed,) = policy_microbatches([[group]], 0, 1, same_length=False, pack=True)  # rows [7], [3, 3]
+    assert score_entries(packed) == (2 * 7 * 8 // 2, needed)
 
 
 def test_lengths_from_a_prepared_directory(tmp_path):
