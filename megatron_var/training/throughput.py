@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_var.batching.pairs import DOC_STRIDE
 from megatron_var.models.arch import ModelArch
 
 GIB = 1024**3
@@ -68,15 +69,30 @@ def real_tokens(batches: list[dict]) -> int:
 
 
 def mean_row_length(batches: list) -> Optional[float]:
-    """Σ rows·seq² / Σ rows·seq over micro-batches (``tokens`` [rows, seq] each): the row length that makes
-    ``train_flops(tokens, ·)`` count Σ seq² of attention, as Megatron-LM's ``seqlen_squared_sum``."""
+    """The row length that makes ``train_flops(computed tokens, ·)`` count the attention the micro-batches compute
+    (as Megatron-LM's ``seqlen_squared_sum``): Σ S² per padded row (``tokens`` [rows, S]: a causal kernel scores the
+    padding too), Σ len² per sequence of a packed row (each attends only to itself, and FlexAttention skips the
+    tiles between them), over Σ rows·S."""
     tokens = squares = 0
     for b in batches:
         t = b["tokens"] if isinstance(b, dict) else b.tokens
         rows, seq = int(t.shape[0]), int(t.shape[-1])
         tokens += rows * seq
-        squares += rows * seq * seq
+        pairs = b.get("cross") if isinstance(b, dict) else None
+        if pairs is not None and pairs.block_masked:
+            squares += _sequence_squares(pairs.attn_segments)
+        else:
+            squares += rows * seq * seq
     return squares / tokens if tokens else None
+
+
+def _sequence_squares(attn_segments: torch.Tensor) -> int:
+    """Σ len² over the sequences (docs) of packed rows."""
+    real = attn_segments >= 0
+    docs = torch.div(attn_segments, DOC_STRIDE, rounding_mode="floor")
+    row = torch.arange(attn_segments.size(0)).unsqueeze(1).expand_as(attn_segments)
+    key = (row * (int(docs.max()) + 1) + docs)[real]
+    return int((torch.unique(key, return_counts=True)[1] ** 2).sum())
 
 
 # ---- device peaks ----------------------------------------------------------------------------------------------

@@ -136,3 +136,17 @@ def test_real_tokens_counts_token_id_zero_and_not_padding(pack):
     batches = policy_microbatches([[group]], 0, 4, same_length=False, pack=pack)
     assert batches[0]["tokens"].numel() > 15  # padding is there to be left out
     assert T.real_tokens(batches) == sum(map(len, prompts)) + sum(map(len, responses)) == 15
+
+
+def test_mean_row_length_counts_each_packed_sequence_alone():
+    """Attention FLOPs by hand: padded rows cost S² each (padding scored), a packed sequence len² (its doc only)."""
+    from types import SimpleNamespace
+
+    from megatron_var.runtime.microbatches import policy_microbatches
+
+    group = SimpleNamespace(prompt_ids=[[5] * 3, [6] * 1, [7] * 2], response_ids=[[1] * 4, [2] * 2, [3] * 1])
+    (padded,) = policy_microbatches([[group]], 0, 1, same_length=False, pack=False)  # 3 rows of 7
+    (packed,) = policy_microbatches([[group]], 0, 1, same_length=False, pack=True)  # rows [7], [3, 3]
+    assert T.mean_row_length([padded]) == 3 * 49 / 21
+    assert T.mean_row_length([packed]) == (49 + 9 + 9) / 14
+    assert T.mean_row_length([padded, packed]) == (3 * 49 + 49 + 9 + 9) / (21 + 14)
