@@ -3,15 +3,7 @@ step time, for SFT, VAR (online shared-prefix reference; cached reference) and D
 response lengths follow a documented distribution (or come from a prepared data directory); and the same VAR step
 written the way a TRL user would on transformers, in the same process, on the same groups.
 
-Lengths (``LengthDistribution``), seeded: prompt and response lengths are independent lognormals,
-    L = max(1, round(median · exp(σ·Z))), Z ~ N(0, 1), σ = ln(4) / z_0.95 = 0.8428 (z_0.95 = 1.6449),
-so p95 = 4 × median (mean = median · exp(σ²/2) = 1.43 × median); each (prompt, response) is then fitted to the
-preset's ``seq_length`` as ``tools/prepare_data.py`` fits a sample (``data.formatting.fit_length``, truncate: the
-prompt is cut from the left). Medians (``Preset.length_medians``): prompt 150, response 250 for llama3.2-1b
-(seq_length 2048); the CPU presets scale them with their seq_length (tiny: 19 / 31 at 256). ``--lengths-from DATA``
-instead draws groups (seeded, distinct within a step) from DATA's train split (``data.groups.GroupDataset``) with
-their own lengths (fitted the same way), group size and reward matrices; token ids outside the preset's vocabulary
-are folded into it (what is measured depends on lengths only).
+Lengths and token counts: ``bench/length_groups.py``.
 
 A step = ``Preset.lengths_groups`` groups, one group per micro-batch (the trainer's --micro-batch-size 1), run as
 ``Trainer.train_step`` runs it: ``optimizer.zero_grad``, ``runtime.microbatches.policy_microbatches`` (packed rows, the
@@ -41,38 +33,31 @@ DPO runs on the same groups, each read as B/2 (chosen, rejected) pairs (its cost
 Attention (``attention``, ``bench/packed_attention.py``): one layer's core attention over the same steps' policy
 micro-batches padded, packed and in token-budget rows (FlexAttention block masks on a GPU): time and score entries.
 
-TRL-style (``trl_style``): the VAR step as a transformers user writes it: policy and reference are two
-``LlamaForCausalLM`` (SDPA; ``measure_steps.build_hf_model``, same ``ModelArch``, dtype: bf16 on GPU, fp32 on CPU);
-per group the B² pairs [x_i; y_j] as right-padded rows (a collator pads each forward's rows to their longest; at most
-``Preset.trl_ref_rows`` rows per forward), reference forward under no_grad with full logits, log_softmax over the
-vocabulary (float32), gather, sum over the response -> [B, B]; w = softmax_j(ref + r/λ)[i]; the policy's forward
-with full logits over the B rows [x_i; y_i], the same log-prob sum, loss -Σ w_i log π(y_i|x_i), backward; after the
-step's groups: gradient clipping at 1.0 and ``torch.optim.AdamW`` (the megatron optimizer's lr, betas, eps, weight
-decay). "Cached" gets the [B, B] matrices precomputed. Speed-up = TRL-style step time / ours.
+TRL-style (``trl_style``, ``bench/trl_style_step.py``): the same VAR step on transformers as a TRL user writes
+it. Speed-up = TRL-style step time / ours.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
-from bench.measure_steps import PAD_ID, VAR_LAMBDA, build_hf_model, free_device, guarded, sync
+from bench.length_groups import (LengthDistribution, Tally, data_groups, length_stats, lognormal_groups,
+                                 policy_real_tokens, shared_prefix_real_tokens)
+from bench.measure_steps import PAD_ID, VAR_LAMBDA, free_device, guarded, sync
 from bench.packed_attention import packed_attention
 from bench.presets import LENGTHS_TARGETS
+from bench.trl_style_step import trl_style
 from megatron_var.batching.steps import split_by_tokens
 from megatron_var.runtime.microbatches import policy_microbatches
-from megatron_var.data.formatting import fit_length
-from megatron_var.data.groups import Group, GroupDataset
+from megatron_var.data.groups import Group
 from megatron_var.models.arch import ModelArch
 from megatron_var.objectives import ref_gap
 from megatron_var.objectives.objective import build_objective
@@ -85,109 +70,12 @@ from megatron_var.training.throughput import mean_row_length, step_flops
 
 logger = logging.getLogger(__name__)
 
-Z95 = 1.6448536269514722
-"""Standard normal 95th percentile: σ = ln(p95 / median) / Z95."""
 DPO_BETA = 0.1
 OPTIM = OptimConfig(lr=1e-7)
 """Both sides' optimizer settings (megatron AdamW here; torch.optim.AdamW with the same numbers for TRL-style)."""
 
 
-# ---- lengths ------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class LengthDistribution:
-    """Independent lognormal prompt and response lengths with p95 = ``p95_over_median`` × median, fitted to
-    ``seq_length`` (prompt + response) as prepare_data fits a sample."""
-
-    prompt_median: float
-    response_median: float
-    seq_length: int
-    p95_over_median: float = 4.0
-
-    @property
-    def sigma(self) -> float:
-        return math.log(self.p95_over_median) / Z95
-
-    def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` (prompt, response) lengths before fitting, each >= 1."""
-        def one(median):
-            return np.maximum(1, np.rint(median * np.exp(self.sigma * rng.standard_normal(n)))).astype(np.int64)
-        return one(self.prompt_median), one(self.response_median)
-
-    def describe(self) -> dict:
-        return {"kind": "lognormal", "prompt_median": self.prompt_median, "response_median": self.response_median,
-                "p95_over_median": self.p95_over_median, "sigma": self.sigma,
-                "mean_over_median": math.exp(self.sigma ** 2 / 2), "fitted_to_seq_length": self.seq_length,
-                "fit": "data.formatting.fit_length(truncate): prompt cut from the left"}
-
-
-def _fit(prompt: np.ndarray, response: np.ndarray, seq_length: int) -> tuple[list[int], list[int]]:
-    p, r, _ = fit_length(prompt, response, seq_length, "truncate")
-    return [int(t) for t in p], [int(t) for t in r]
-
-
-def lognormal_groups(dist: LengthDistribution, n_groups: int, group_size: int, vocab: int, seed: int) -> list[Group]:
-    """``n_groups`` groups of ``group_size`` random-token samples with lengths from ``dist``; N(0, 1) rewards."""
-    rng = np.random.default_rng(seed)
-    groups = []
-    for g in range(n_groups):
-        plen, rlen = dist.draw(group_size, rng)
-        pairs = [_fit(rng.integers(1, vocab, p), rng.integers(1, vocab, r), dist.seq_length)
-                 for p, r in zip(plen, rlen)]
-        rewards = rng.standard_normal((group_size, group_size)).astype(np.float32)
-        groups.append(Group(g, [p for p, _ in pairs], [r for _, r in pairs], rewards))
-    return groups
-
-
-def data_groups(data_dir: str, n_groups: int, per_step: int, vocab: int, seq_length: int, seed: int) -> list[Group]:
-    """``n_groups`` groups of DATA's train split, ``per_step`` distinct ones per step (seeded), fitted to
-    ``seq_length``, ids folded into [1, vocab); the data's reward matrices (N(0, 1) where it has none)."""
-    ds = GroupDataset(data_dir, "train")
-    if len(ds) < per_step:
-        raise ValueError(f"--lengths-from {data_dir}: {len(ds)} train groups, a step needs {per_step}")
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(-(-n_groups // per_step)):
-        for k in rng.choice(len(ds), size=per_step, replace=False):
-            src = ds[int(k)]
-            fold = (lambda ids: ids) if max(max(s) for s in src.prompt_ids + src.response_ids if s) < vocab else \
-                (lambda ids: 1 + np.asarray(ids) % (vocab - 1))
-            pairs = [_fit(np.asarray(fold(x)), np.asarray(fold(y)), seq_length)
-                     for x, y in zip(src.prompt_ids, src.response_ids)]
-            b = len(pairs)
-            rewards = src.rewards if src.rewards is not None else \
-                rng.standard_normal((b, b)).astype(np.float32)
-            out.append(Group(len(out), [p for p, _ in pairs], [r for _, r in pairs], rewards))
-    return out[:n_groups]
-
-
-def length_stats(groups: list[Group]) -> dict:
-    def stats(lens):
-        a = np.asarray(lens)
-        return {"median": float(np.median(a)), "p95": float(np.percentile(a, 95)), "mean": float(a.mean()),
-                "min": int(a.min()), "max": int(a.max())}
-    return {"samples": sum(len(g.prompt_ids) for g in groups),
-            "prompt": stats([len(p) for g in groups for p in g.prompt_ids]),
-            "response": stats([len(r) for g in groups for r in g.response_ids])}
-
-
-# ---- token counts -------------------------------------------------------------------------------------------------
-def policy_real_tokens(groups: list[Group]) -> int:
-    """Σ |x_i| + |y_i|: the tokens of the policy's rows [x_i; y_i] without padding."""
-    return sum(len(x) + len(y) for g in groups for x, y in zip(g.prompt_ids, g.response_ids))
-
-
-def shared_prefix_real_tokens(group: Group) -> int:
-    """Σ_i (|x_i| − 1 + Σ_j (|y_j| + 1)): the group's shared-prefix rows [x_i[:-1]; x_i[-1], y_1; ...] unpadded."""
-    seg = sum(len(y) + 1 for y in group.response_ids)
-    return sum(len(x) - 1 + seg for x in group.prompt_ids)
-
-
-def naive_pair_tokens(group: Group) -> int:
-    """Σ_ij |x_i| + |y_j|: the B² naive rows unpadded (what a naive reference computes, for information)."""
-    b = len(group.prompt_ids)
-    return b * sum(len(x) for x in group.prompt_ids) + b * sum(len(y) for y in group.response_ids)
-
-
+# ---- ours ---------------------------------------------------------------------------------------------------------
 def reference_counts(frozen: FrozenReference, kind: str, groups: list[Group]) -> tuple[int, int]:
     """(real, computed) tokens of the step's reference rows as ``frozen`` lays them out (no model run)."""
     pairs, _ = frozen.microbatches(kind, [g.prompt_ids for g in groups], [g.response_ids for g in groups])
@@ -195,35 +83,6 @@ def reference_counts(frozen: FrozenReference, kind: str, groups: list[Group]) ->
     return real, sum(p.tokens.numel() for p in pairs)
 
 
-class Tally:
-    """Counted steps of one method: times, parts and token counts; ``summary`` gives per-step means."""
-
-    def __init__(self):
-        self.steps: list[dict] = []
-
-    def add(self, **rec) -> None:
-        self.steps.append(rec)
-
-    def summary(self) -> dict:
-        n = len(self.steps)
-        if not n:
-            return {"error": "no step counted"}
-        total = {k: sum(s[k] for s in self.steps) for k in self.steps[0]}
-        out = {"steps": n, "step_s": total["step_s"] / n, "step_s_each": [s["step_s"] for s in self.steps]}
-        for part in ("reference_s", "fwd_bwd_s", "optimizer_s"):
-            out[part] = total[part] / n
-        for side in ("policy", "reference"):
-            real, computed = total[side + "_real"], total[side + "_computed"]
-            out[side] = {"real_tokens": real / n, "computed_tokens": computed / n,
-                         "computed_over_real": computed / real if real else None}
-        if "naive_pair_tokens" in total:
-            out["reference"]["naive_pair_tokens"] = total["naive_pair_tokens"] / n
-        out["model_flops"] = total["model_flops"] / n
-        out["model_flops_per_s"] = total["model_flops"] / total["step_s"]
-        return out
-
-
-# ---- ours ---------------------------------------------------------------------------------------------------------
 def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, flex: bool, pack: bool = True,
          budget: Optional[int] = None) -> dict:
     """SFT, VAR online (shared prefix), VAR cached and DPO steps through the package's own code paths, on one policy
@@ -300,105 +159,6 @@ def ours(arch: ModelArch, pc, options, steps: list[list[Group]], warmup: int, fl
         out["dpo"] = {"error": "odd group size: DPO reads a group as (chosen, rejected) pairs"}
     out["sft"] = guarded(lambda: run(objectives["sft"], None), "lengths/ours/sft")
     del model, optimizer, ref_chunks, frozen, online
-    return out
-
-
-# ---- TRL-style ----------------------------------------------------------------------------------------------------
-def _pad(pairs: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded rows [x; y]: input_ids, attention_mask and the response mask (a data collator's output)."""
-    s = max(len(x) + len(y) for x, y in pairs)
-    ids = torch.full((len(pairs), s), PAD_ID, dtype=torch.long)
-    attn = torch.zeros(len(pairs), s, dtype=torch.long)
-    resp = torch.zeros(len(pairs), s)
-    for n, (x, y) in enumerate(pairs):
-        ids[n, :len(x) + len(y)] = torch.tensor(x + y)
-        attn[n, :len(x) + len(y)] = 1
-        resp[n, len(x):len(x) + len(y)] = 1
-    return ids.to(device), attn.to(device), resp.to(device)
-
-
-def _sequence_logps(model, ids, attn, resp) -> torch.Tensor:
-    """Σ over the response of log softmax(logits)[next token], full logits: [rows]."""
-    logits = model(input_ids=ids, attention_mask=attn).logits  # [rows, S, V]
-    logps = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return (logps * resp[:, 1:]).sum(-1)
-
-
-def trl_reference_matrix(ref, group: Group, rows_per_forward: int, device) -> tuple[torch.Tensor, int]:
-    """The naive [B, B] matrix log π_ref(y_j|x_i) (B² padded rows, full logits) and the tokens it computed."""
-    pairs = [(x, y) for x in group.prompt_ids for y in group.response_ids]
-    out, computed = [], 0
-    with torch.no_grad():
-        for k in range(0, len(pairs), rows_per_forward):
-            ids, attn, resp = _pad(pairs[k:k + rows_per_forward], device)
-            computed += ids.numel()
-            out.append(_sequence_logps(ref, ids, attn, resp))
-    b = len(group.prompt_ids)
-    return torch.cat(out).view(b, b), computed
-
-
-def trl_style(arch: ModelArch, steps: list[list[Group]], warmup: int, rows_per_forward: int) -> dict:
-    """The VAR step on transformers as a TRL user writes it (module docstring), online and with cached matrices."""
-    policy = build_hf_model(arch)
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)  # the reference = the policy's start weights
-    device = next(policy.parameters()).device
-    opt = torch.optim.AdamW(policy.parameters(), lr=OPTIM.lr, betas=(OPTIM.adam_beta1, OPTIM.adam_beta2),
-                            eps=OPTIM.adam_eps, weight_decay=OPTIM.weight_decay)
-    cache = {g.group_id: trl_reference_matrix(ref, g, rows_per_forward, device)[0] for s in steps for g in s}
-    gaps: list[float] = []
-
-    def step(groups: list[Group], online: bool) -> dict:
-        t0 = time.perf_counter()
-        ref_computed, weights = 0, []
-        for g in groups:
-            if online:
-                ref_bb, n = trl_reference_matrix(ref, g, rows_per_forward, device)
-                ref_computed += n
-            else:
-                ref_bb = cache[g.group_id]
-            r = torch.as_tensor(g.rewards, dtype=torch.float32, device=device)
-            weights.append((torch.softmax(ref_bb.float() + r / VAR_LAMBDA, dim=-1).diagonal(), ref_bb.diagonal()))
-        sync()
-        t1 = time.perf_counter()
-        n_samples = sum(len(g.prompt_ids) for g in groups)
-        computed, row_batches = 0, []
-        for g, (w, ref_diag) in zip(groups, weights):
-            ids, attn, resp = _pad(list(zip(g.prompt_ids, g.response_ids)), device)
-            computed += ids.numel()
-            row_batches.append({"tokens": ids})
-            logps = _sequence_logps(policy, ids, attn, resp)
-            if online and not gaps:
-                gaps.append(float(ref_gap.logp_gap(ref_diag, logps)))
-            (-(w * logps).sum() / n_samples).backward()
-        sync()
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), OPTIM.clip_grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        t3 = time.perf_counter()
-        ref_real = sum(shared_prefix_real_tokens(g) for g in groups) if online else 0
-        return {"step_s": t3 - t0, "reference_s": t1 - t0, "fwd_bwd_s": t2 - t1, "optimizer_s": t3 - t2,
-                "policy_real": policy_real_tokens(groups), "policy_computed": computed,
-                "reference_real": ref_real, "reference_computed": ref_computed,
-                "naive_pair_tokens": sum(naive_pair_tokens(g) for g in groups) if online else 0,
-                "model_flops": step_flops(arch, computed, ref_computed, mean_row_length(row_batches))}
-
-    def run(online: bool) -> dict:
-        tally = Tally()
-        for k, groups in enumerate(steps):
-            rec = step(groups, online)
-            if k >= warmup:
-                tally.add(**rec)
-        return tally.summary()
-
-    out = {"var_online": guarded(lambda: run(True), "lengths/trl_style/var_online")}
-    if gaps:
-        out["var_online"]["ref_policy_logp_gap_step1"] = gaps[0]
-    out["var_cached"] = guarded(lambda: run(False), "lengths/trl_style/var_cached")
-    out["reference_rows_per_forward"] = rows_per_forward
-    out["attn_implementation"] = policy.config._attn_implementation
-    del policy, ref, opt, cache
     return out
 
 
@@ -482,7 +242,7 @@ def run_lengths_benchmark(preset_name: str, out_dir: Optional[Path], *, data: Op
                                            torch.bfloat16 if cuda else torch.float32)
     free_device()
     write()
-    result["trl_style"] = trl_style(arch, steps, warmup, preset.trl_ref_rows)
+    result["trl_style"] = trl_style(arch, steps, warmup, preset.trl_ref_rows, OPTIM)
     free_device()
     result["speedup_vs_trl_style"] = speedups(result)
     write()

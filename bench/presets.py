@@ -34,7 +34,7 @@ class Preset:
     iters: int = 6
     length_medians: tuple[int, int] = (150, 250)
     """(d) ``--lengths``: median prompt and response length of the lognormal draw (p95 = 4 × median), each pair then
-    fitted to ``seq_length`` as prepare_data does (bench/length_benchmark.py)."""
+    fitted to ``seq_length`` as prepare_data does (bench/length_groups.py)."""
     lengths_groups: int = 2
     """(d) ``--lengths``: groups per step, one group per micro-batch (the trainer's --micro-batch-size 1)."""
     trl_ref_rows: int = 64

@@ -10,8 +10,8 @@ bench/results/<preset>_<device>.json.
                                                     # online, cached / DPO steps, our VAR step vs a TRL-style one
 
 Run with --help for the flags. The code is in bench/: step_benchmark.py (command line, orchestration), presets.py
-(sizes, targets), measure_steps.py (the measurements), length_benchmark.py (--lengths); docs/performance.md explains
-what is measured.
+(sizes, targets), measure_steps.py (the measurements), length_benchmark.py (--lengths: with length_groups.py,
+packed_attention.py and trl_style_step.py); docs/performance.md explains what is measured.
 """
 
 import sys

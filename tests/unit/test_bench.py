@@ -100,7 +100,7 @@ def test_lengths_preset_reports_consistent_numbers(tmp_path):
 def test_length_distribution_and_token_counts():
     """The lognormal's p95 is 4x its median (before fitting); the reference's real tokens are its shared-prefix
     rows without padding; every drawn pair fits the preset's seq_length."""
-    from bench.length_benchmark import LengthDistribution, lognormal_groups, shared_prefix_real_tokens
+    from bench.length_groups import LengthDistribution, lognormal_groups, shared_prefix_real_tokens
     from megatron_var.batching.pairs import build_shared_prefix
 
     dist = LengthDistribution(150, 250, seq_length=2048)
@@ -134,7 +134,7 @@ def test_score_entries_count_rows_and_sequences():
 def test_lengths_from_a_prepared_directory(tmp_path):
     """--lengths-from DATA: distinct groups within a step, the data's lengths fitted to seq_length, ids folded into
     the preset's vocabulary, the data's reward matrices."""
-    from bench.length_benchmark import data_groups
+    from bench.length_groups import data_groups
     from megatron_var.data.groups import GroupDataset
     from megatron_var.data.synthetic import write_random_groups
 
