@@ -105,6 +105,18 @@ class PairBatch:
             raise ValueError(f"take_rows: seq_length {seq_length} cuts tokens")
         return dataclasses.replace(self, **cut)
 
+    def with_rows(self, num_rows: int, pad_id: int) -> "PairBatch":
+        """This batch with empty (all-padding) rows added up to ``num_rows`` (fixed pipeline shapes)."""
+        extra = num_rows - self.tokens.size(0)
+        if extra <= 0:
+            return self
+        s = self.tokens.size(1)
+        fill = {"tokens": pad_id, "labels": pad_id, "loss_mask": 0, "position_ids": 0, "segment_index": -1,
+                "attn_segments": -1}
+        grown = {n: torch.cat([getattr(self, n), torch.full((extra, s), v, dtype=getattr(self, n).dtype)])
+                 for n, v in fill.items()}
+        return dataclasses.replace(self, **grown)
+
 
 DOC_STRIDE = 1 << 20
 """attn_segments of a packed row: doc * DOC_STRIDE + segment; a sequence never has this many response segments."""

@@ -47,9 +47,9 @@ def reference_pairs(builds: list[Callable[..., PairBatch]], pad_id: int, pad_to_
     space (``batching.pairs.flat_cells``), and each group's matrix shape (``split_cells``).
 
     Packed: the sequences of all the groups share rows, up to ``row_tokens`` tokens each
-    (``--max-tokens-per-micro-batch``; one row per micro-batch) or as many as the longest sequence (micro-batches
-    of as many rows as the largest group has: no micro-batch holds more tokens than that group padded to the
-    longest). Why across groups: a group's shared-prefix rows differ only by prompt length, so within one group
+    (``--max-tokens-per-micro-batch``; one row per micro-batch) or as many as the longest sequence; then a
+    micro-batch holds no more rows, and no more scored positions (logits), than the largest group, so no more
+    tokens and logits than that group padded to the longest sequence (what ``megatron_var.memory`` budgets for). Why across groups: a group's shared-prefix rows differ only by prompt length, so within one group
     none fits next to another and each row is padded to the longest; across a step's groups the rows' lengths mix.
     Unpacked: one micro-batch per group (``shaped_pairs``). ``same_length``: one shape for all (pipeline
     parallelism)."""
@@ -59,20 +59,38 @@ def reference_pairs(builds: list[Callable[..., PairBatch]], pad_id: int, pad_to_
     groups = [build() for build in builds]
     rows = concat_rows(flat_cells(groups), pad_id)
     capacity = max(int((rows.attn_segments >= 0).sum(dim=1).max()), row_tokens or 0)
-    per_micro = 1 if row_tokens else max(g.tokens.size(0) for g in groups)
     packed = pack_rows(rows, capacity, pad_id, pad_to_multiple_of)
-    if same_length and packed.tokens.size(0) % per_micro:
-        packed = pack_rows(rows, capacity, pad_id, pad_to_multiple_of,
-                           num_rows=-(-packed.tokens.size(0) // per_micro) * per_micro)
-    # rows of similar length share a micro-batch, padded only to its own longest (all to one length under PP)
+    if row_tokens:
+        per_micro, scored_limit = 1, None
+    else:  # no micro-batch holds more rows, or more scored positions (logits), than the largest group
+        per_micro = max(g.tokens.size(0) for g in groups)
+        scored_limit = max(int((g.segment_index >= 0).sum()) for g in groups)
+    # rows of similar length share a micro-batch, padded only to its own longest (all to one shape under PP)
     fill = (packed.attn_segments >= 0).sum(dim=1)
-    order = torch.argsort(fill, descending=True, stable=True)
+    scored = (packed.segment_index >= 0).sum(dim=1).tolist()
+    chunks, used = [], []
+    for r in torch.argsort(fill, descending=True, stable=True).tolist():  # first fit, longest rows first
+        k = next((k for k, c in enumerate(chunks) if len(c) < per_micro and
+                  (scored_limit is None or used[k] + scored[r] <= scored_limit)), None)
+        if k is None:
+            chunks.append([])
+            used.append(0)
+            k = len(chunks) - 1
+        chunks[k].append(r)
+        used[k] += scored[r]
     micro = []
-    for k in range(0, len(order), per_micro):
-        take = order[k:k + per_micro]
-        length = None if same_length else -(-int(fill[take].max()) // pad_to_multiple_of) * pad_to_multiple_of
-        micro.append(packed.take_rows(take, length))
-    return micro, [g.matrix_shape for g in groups]
+    for take in chunks:
+        if same_length:
+            micro.append(packed.take_rows(torch.tensor(take)).with_rows(per_micro, pad_id))
+        else:
+            length = -(-int(fill[take].max()) // pad_to_multiple_of) * pad_to_multiple_of
+            micro.append(packed.take_rows(torch.tensor(take), length))
+    shapes = [g.matrix_shape for g in groups]
+    if not row_tokens:  # the limits can cost more micro-batches than groups: then pack each group on its own
+        alone = flat_cells(shaped_pairs(builds, pad_id, pad_to_multiple_of, same_length, pack=True))
+        if sum(m.tokens.numel() for m in alone) < sum(m.tokens.numel() for m in micro):
+            return alone, shapes
+    return micro, shapes
 
 
 def shaped_pairs(builds: list[Callable[..., PairBatch]], pad_id: int, pad_to_multiple_of: int, same_length: bool,
