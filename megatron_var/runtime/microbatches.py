@@ -49,8 +49,9 @@ def reference_pairs(builds: list[Callable[..., PairBatch]], pad_id: int, pad_to_
     Packed: the sequences of all the groups share rows, up to ``row_tokens`` tokens each
     (``--max-tokens-per-micro-batch``; one row per micro-batch) or as many as the longest sequence; then a
     micro-batch holds no more rows, and no more scored positions (logits), than the largest group, so no more
-    tokens and logits than that group padded to the longest sequence (what ``megatron_var.memory`` budgets for). Why across groups: a group's shared-prefix rows differ only by prompt length, so within one group
-    none fits next to another and each row is padded to the longest; across a step's groups the rows' lengths mix.
+    tokens and logits than that group padded to the longest sequence (what ``megatron_var.memory`` budgets for).
+    Why across groups: a group's shared-prefix rows differ only by prompt length, so within one group none fits
+    next to another and each row is padded to the longest; across a step's groups the rows' lengths mix.
     Unpacked: one micro-batch per group (``shaped_pairs``). ``same_length``: one shape for all (pipeline
     parallelism)."""
     if not pack:
@@ -65,19 +66,8 @@ def reference_pairs(builds: list[Callable[..., PairBatch]], pad_id: int, pad_to_
     else:  # no micro-batch holds more rows, or more scored positions (logits), than the largest group
         per_micro = max(g.tokens.size(0) for g in groups)
         scored_limit = max(int((g.segment_index >= 0).sum()) for g in groups)
-    # rows of similar length share a micro-batch, padded only to its own longest (all to one shape under PP)
     fill = (packed.attn_segments >= 0).sum(dim=1)
-    scored = (packed.segment_index >= 0).sum(dim=1).tolist()
-    chunks, used = [], []
-    for r in torch.argsort(fill, descending=True, stable=True).tolist():  # first fit, longest rows first
-        k = next((k for k, c in enumerate(chunks) if len(c) < per_micro and
-                  (scored_limit is None or used[k] + scored[r] <= scored_limit)), None)
-        if k is None:
-            chunks.append([])
-            used.append(0)
-            k = len(chunks) - 1
-        chunks[k].append(r)
-        used[k] += scored[r]
+    chunks = _first_fit(fill, (packed.segment_index >= 0).sum(dim=1), per_micro, scored_limit)
     micro = []
     for take in chunks:
         if same_length:
@@ -91,6 +81,26 @@ def reference_pairs(builds: list[Callable[..., PairBatch]], pad_id: int, pad_to_
         if sum(m.tokens.numel() for m in alone) < sum(m.tokens.numel() for m in micro):
             return alone, shapes
     return micro, shapes
+
+
+def _first_fit(fill: torch.Tensor, scored: torch.Tensor, max_rows: int, max_scored: Optional[int]
+               ) -> list[list[int]]:
+    """Row indices grouped into micro-batches of at most ``max_rows`` rows and ``max_scored`` scored positions,
+    longest rows first, each into the first micro-batch with room: rows of similar length end up together, so a
+    micro-batch padded to its own longest row pads little."""
+    chunks: list[list[int]] = []
+    used: list[int] = []
+    for r in torch.argsort(fill, descending=True, stable=True).tolist():
+        n = int(scored[r])
+        k = next((k for k, c in enumerate(chunks)
+                  if len(c) < max_rows and (max_scored is None or used[k] + n <= max_scored)), None)
+        if k is None:
+            chunks.append([])
+            used.append(0)
+            k = len(chunks) - 1
+        chunks[k].append(r)
+        used[k] += n
+    return chunks
 
 
 def shaped_pairs(builds: list[Callable[..., PairBatch]], pad_id: int, pad_to_multiple_of: int, same_length: bool,
