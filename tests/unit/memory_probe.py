@@ -126,5 +126,7 @@ if __name__ == "__main__":
     import os
 
     result = main(json.loads(sys.argv[1]))
-    print(("rank%s " % os.environ["RANK"] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "") + json.dumps(result),
-          flush=True)
+    line = ("rank%s " % os.environ["RANK"] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "") + json.dumps(result)
+    # one write(2) of the whole line: ranks share the pipe, and print's separate text and newline writes interleaved
+    # ("rank1 [...]rank0 [...]" on one line); a pipe write below PIPE_BUF (4096 bytes) is atomic
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
