@@ -26,6 +26,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 
 from bench.measure_steps import PAD_ID, guarded, sync
+from megatron_var.batching.pairs import sequence_lengths
 from megatron_var.batching.steps import split_by_tokens
 from megatron_var.models.arch import ModelArch
 from megatron_var.models.layers import FlexCoreAttention, SDPACoreAttention
@@ -53,15 +54,9 @@ def layouts(steps: list[list], budget: int) -> dict[str, list[list[dict]]]:
 
 def score_entries(batch: dict) -> tuple[int, int]:
     """(rows, needed): causal score entries over whole rows vs over each sequence alone."""
-    seg = batch["cross"].attn_segments
-    rows, s = seg.shape
-    needed = 0
-    for row in seg:
-        real = row[row >= 0]
-        if real.numel():
-            lengths = torch.unique_consecutive(real, return_counts=True)[1]  # one run of ids per sequence
-            needed += int((lengths * (lengths + 1) // 2).sum())
-    return rows * s * (s + 1) // 2, needed
+    rows, s = batch["cross"].attn_segments.shape
+    lengths = sequence_lengths(batch["cross"].attn_segments)
+    return rows * s * (s + 1) // 2, int((lengths * (lengths + 1) // 2).sum())
 
 
 def time_layout(core, arch: ModelArch, steps: list[list[dict]], warmup: int, dtype, device) -> dict:

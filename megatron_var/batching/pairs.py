@@ -43,10 +43,17 @@ __all__ = [
     "flat_cells",
     "concat_rows",
     "split_cells",
+    "sequence_lengths",
     "DOC_STRIDE",
 ]
 
 TokenIds = Sequence[int] | torch.Tensor
+
+
+def _row_fill(pad_id: int) -> dict[str, int]:
+    """The per-position fields of a PairBatch ([N, S] each) and the value a padding position holds."""
+    return {"tokens": pad_id, "labels": pad_id, "loss_mask": 0, "position_ids": 0, "segment_index": -1,
+            "attn_segments": -1}
 
 
 @dataclass
@@ -99,8 +106,7 @@ class PairBatch:
     def take_rows(self, rows: torch.Tensor, seq_length: int | None = None) -> "PairBatch":
         """The rows ``rows`` (indices), cut to ``seq_length`` columns (only padding may be cut), with the whole cell
         space: their ``reduce`` is a partial sum over all cells."""
-        names = ("tokens", "labels", "loss_mask", "position_ids", "segment_index", "attn_segments")
-        cut = {n: getattr(self, n)[rows, :seq_length] for n in names}
+        cut = {n: getattr(self, n)[rows, :seq_length] for n in _row_fill(0)}
         if int((cut["attn_segments"] >= 0).sum()) != int((self.attn_segments[rows] >= 0).sum()):
             raise ValueError(f"take_rows: seq_length {seq_length} cuts tokens")
         return dataclasses.replace(self, **cut)
@@ -111,10 +117,8 @@ class PairBatch:
         if extra <= 0:
             return self
         s = self.tokens.size(1)
-        fill = {"tokens": pad_id, "labels": pad_id, "loss_mask": 0, "position_ids": 0, "segment_index": -1,
-                "attn_segments": -1}
         grown = {n: torch.cat([getattr(self, n), torch.full((extra, s), v, dtype=getattr(self, n).dtype)])
-                 for n, v in fill.items()}
+                 for n, v in _row_fill(pad_id).items()}
         return dataclasses.replace(self, **grown)
 
 
@@ -130,6 +134,15 @@ def visible(seg_q: torch.Tensor, seg_k: torch.Tensor, q_idx: torch.Tensor, kv_id
     sub_k, sub_q = seg_k % DOC_STRIDE, seg_q % DOC_STRIDE
     allowed = (kv_idx <= q_idx) & (seg_q >= 0) & (seg_k >= 0) & same_doc & ((sub_k == 0) | (sub_k == sub_q))
     return allowed | ((seg_q < 0) & (q_idx == kv_idx))
+
+
+def sequence_lengths(attn_segments: torch.Tensor) -> torch.Tensor:
+    """Token count of every sequence of the rows [N, S]: each doc of a packed row, or the whole non-pad part of an
+    unpacked row (doc 0)."""
+    docs = torch.div(attn_segments, DOC_STRIDE, rounding_mode="floor")
+    row = torch.arange(attn_segments.size(0), device=attn_segments.device).unsqueeze(1)
+    key = (row * (int(docs.max()) + 1) + docs)[attn_segments >= 0]
+    return torch.unique(key, return_counts=True)[1]
 
 
 def block_attention_mask(attn_segments: torch.Tensor) -> torch.Tensor:
@@ -326,17 +339,15 @@ def pack_rows(batch: PairBatch, capacity: int, pad_id: int, pad_to_multiple_of: 
             raise ValueError(f"pack_rows: {len(bins)} rows needed, num_rows is {num_rows}")
         bins += [[] for _ in range(num_rows - len(bins))]
     s = _padded_length(max(capacity - f for f in free), pad_to_multiple_of, seq_length)
-    fields = {"tokens": (batch.tokens, pad_id), "labels": (batch.labels, pad_id), "loss_mask": (batch.loss_mask, 0),
-              "position_ids": (batch.position_ids, 0), "segment_index": (batch.segment_index, -1)}
-    out = {name: torch.full((len(bins), s), fill, dtype=src.dtype) for name, (src, fill) in fields.items()}
-    out["attn_segments"] = torch.full((len(bins), s), -1, dtype=torch.long)
+    fill = _row_fill(pad_id)
+    out = {n: torch.full((len(bins), s), v, dtype=getattr(batch, n).dtype) for n, v in fill.items()}
     for row, members in enumerate(bins):
         at = 0
         for doc, r in enumerate(members):
             n = lengths[r]
-            for name, (src, _) in fields.items():
-                out[name][row, at:at + n] = src[r, :n]
-            out["attn_segments"][row, at:at + n] = seg[r, :n] + doc * DOC_STRIDE
+            for name in fill:
+                out[name][row, at:at + n] = getattr(batch, name)[r, :n]
+            out["attn_segments"][row, at:at + n] += doc * DOC_STRIDE
             at += n
     return PairBatch(**out, response_lengths=batch.response_lengths, matrix_shape=batch.matrix_shape,
                      block_masked=True)
@@ -360,10 +371,8 @@ def flat_cells(batches: Sequence[PairBatch]) -> list[PairBatch]:
 def concat_rows(batches: Sequence[PairBatch], pad_id: int) -> PairBatch:
     """The rows of batches that share one cell space (``flat_cells``) as one batch, right-padded to the longest."""
     s = max(b.tokens.size(1) for b in batches)
-    fill = {"tokens": pad_id, "labels": pad_id, "loss_mask": 0, "position_ids": 0, "segment_index": -1,
-            "attn_segments": -1}
     cat = {name: torch.cat([torch.nn.functional.pad(getattr(b, name), (0, s - b.tokens.size(1)), value=v)
-                            for b in batches]) for name, v in fill.items()}
+                            for b in batches]) for name, v in _row_fill(pad_id).items()}
     return dataclasses.replace(batches[0], **cat, block_masked=any(b.block_masked for b in batches))
 
 

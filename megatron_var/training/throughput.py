@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_var.batching.pairs import DOC_STRIDE
+from megatron_var.batching.pairs import sequence_lengths
 from megatron_var.models.arch import ModelArch
 
 GIB = 1024**3
@@ -80,19 +80,10 @@ def mean_row_length(batches: list) -> Optional[float]:
         tokens += rows * seq
         pairs = b.get("cross") if isinstance(b, dict) else None
         if pairs is not None and pairs.block_masked:
-            squares += _sequence_squares(pairs.attn_segments)
+            squares += int((sequence_lengths(pairs.attn_segments) ** 2).sum())
         else:
             squares += rows * seq * seq
     return squares / tokens if tokens else None
-
-
-def _sequence_squares(attn_segments: torch.Tensor) -> int:
-    """Σ len² over the sequences (docs) of packed rows."""
-    real = attn_segments >= 0
-    docs = torch.div(attn_segments, DOC_STRIDE, rounding_mode="floor")
-    row = torch.arange(attn_segments.size(0)).unsqueeze(1).expand_as(attn_segments)
-    key = (row * (int(docs.max()) + 1) + docs)[real]
-    return int((torch.unique(key, return_counts=True)[1] ** 2).sum())
 
 
 # ---- device peaks ----------------------------------------------------------------------------------------------
