@@ -59,8 +59,7 @@ def reference_pairs(builds: list[Callable[..., PairBatch]], pad_id: int, pad_to_
         return flat_cells(groups), [g.matrix_shape for g in groups]
     groups = [build() for build in builds]
     rows = concat_rows(flat_cells(groups), pad_id)
-    capacity = max(int((rows.attn_segments >= 0).sum(dim=1).max()), row_tokens or 0)
-    packed = pack_rows(rows, capacity, pad_id, pad_to_multiple_of)
+    packed = pack_rows(rows, row_tokens or 0, pad_id, pad_to_multiple_of)  # rows of at least the longest
     if row_tokens:
         per_micro, scored_limit = 1, None
     else:  # no micro-batch holds more rows, or more scored positions (logits), than the largest group
@@ -77,7 +76,7 @@ def reference_pairs(builds: list[Callable[..., PairBatch]], pad_id: int, pad_to_
             micro.append(packed.take_rows(torch.tensor(take), length))
     shapes = [g.matrix_shape for g in groups]
     if not row_tokens:  # the limits can cost more micro-batches than groups: then pack each group on its own
-        alone = flat_cells(shaped_pairs(builds, pad_id, pad_to_multiple_of, same_length, pack=True))
+        alone = flat_cells(_pack_each(groups, pad_id, pad_to_multiple_of, same_length))
         if sum(m.tokens.numel() for m in alone) < sum(m.tokens.numel() for m in micro):
             return alone, shapes
     return micro, shapes
@@ -112,19 +111,20 @@ def shaped_pairs(builds: list[Callable[..., PairBatch]], pad_id: int, pad_to_mul
     the masked tiles)."""
     pairs = [build() for build in builds]
     if pack:
-        packed = [_pack(p, pad_id, pad_to_multiple_of, row_tokens) for p in pairs]
-        if same_length and len({p.tokens.shape for p in packed}) > 1:
-            rows, length = max(p.tokens.size(0) for p in packed), max(p.tokens.size(1) for p in packed)
-            packed = [_pack(p, pad_id, pad_to_multiple_of, row_tokens, rows, length) for p in pairs]
-        return packed
+        return _pack_each(pairs, pad_id, pad_to_multiple_of, same_length, row_tokens)
     if same_length and len({p.tokens.shape for p in pairs}) > 1:
         longest = max(p.tokens.size(1) for p in pairs)
         pairs = [build(seq_length=longest) for build in builds]
     return pairs
 
 
-def _pack(pairs: PairBatch, pad_id: int, pad_to_multiple_of: int, row_tokens=None, num_rows=None, seq_length=None
-          ) -> PairBatch:
-    longest = int((pairs.attn_segments >= 0).sum(dim=1).max())
-    return pack_rows(pairs, max(longest, row_tokens or 0), pad_id, pad_to_multiple_of, num_rows=num_rows,
-                     seq_length=seq_length)
+def _pack_each(pairs: list[PairBatch], pad_id: int, pad_to_multiple_of: int, same_length: bool,
+               row_tokens: Optional[int] = None) -> list[PairBatch]:
+    """Each batch's rows packed on their own (rows of ``row_tokens``, at least the batch's longest sequence); under
+    ``same_length`` all with the largest row count and length among them."""
+    packed = [pack_rows(p, row_tokens or 0, pad_id, pad_to_multiple_of) for p in pairs]
+    if same_length and len({p.tokens.shape for p in packed}) > 1:
+        rows, length = max(p.tokens.size(0) for p in packed), max(p.tokens.size(1) for p in packed)
+        packed = [pack_rows(p, row_tokens or 0, pad_id, pad_to_multiple_of, num_rows=rows, seq_length=length)
+                  for p in pairs]
+    return packed
